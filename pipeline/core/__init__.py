@@ -1,0 +1,1 @@
+"""Shared building blocks: data types, errors, atomic writes, configs, run folders."""

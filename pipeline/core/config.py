@@ -1,0 +1,128 @@
+"""One typed config per stage. The CLI (pipeline/cli.py) is generated from these dataclasses:
+every field becomes `--field-name` with its `help` as documentation, so the same flag means the
+same thing in every subcommand and in the bash scripts that pass arguments through.
+
+Field metadata keys: help (str), env (environment variable that supplies the default),
+flag (override the flag name), action ('append' for repeatable flags), secret (never written
+to run.json).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+def opt(default: Any = None, help: str = "", **meta: Any) -> Any:
+    """A config field with documentation attached (used by the CLI generator)."""
+    meta["help"] = help
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    """Options shared by every stage."""
+
+    image: Path | None = opt(None, "The photo (any format Pillow reads; EXIF rotation applied).")
+    out: Path | None = opt(None, "The run folder itself (default: outputs/<image name>-<time>).")
+    profile: Literal["auto", "full", "lite"] = opt(
+        "auto", "full: vLLM Qwen3-VL + SAM3 + SAM 3D Objects; lite: built-in CPU backends; auto: per stage, what is available."
+    )
+    force: bool = opt(False, "Redo objects and masks that are already done for the same inputs.")
+    seed: int = opt(0, "Random seed for reproducible output.")
+    device: str = opt("auto", "Torch device: auto, cuda, cuda:N, mps or cpu (env SAM3DGS_DEVICE overrides).")
+    progress: bool = opt(True, "Show progress bars on long steps.")
+
+
+@dataclass
+class PlannerConfig:
+    """Stage 1a: the VLM that names the objects to segment."""
+
+    planner: Literal["auto", "vlm", "none"] = opt(
+        "auto", "vlm: ask an OpenAI-compatible VLM; none: no planner (the classical segmenter finds objects itself)."
+    )
+    prompt: str | None = opt(None, "Query mode: only segment what this text asks for, e.g. 'the two mugs left of the laptop'.")
+    vlm_url: str | None = opt(None, "Base URL of a running OpenAI-compatible server (…/v1); skips starting vLLM.", env="SAM3DGS_VLM_URL")
+    vlm_model: str = opt("qwen3-vl-8b-thinking", "Model name to request from the server (vLLM's --served-model-name).", env="SAM3DGS_VLM_MODEL")
+    vlm_api_key: str | None = opt(None, "API key for the VLM server.", env="SAM3DGS_VLM_API_KEY", secret=True)
+    vlm_timeout: float = opt(300.0, "Seconds to wait for one VLM answer.")
+    vlm_max_image_side: int = opt(1280, "Longest side, in pixels, of the image sent to the VLM (downscaled inline base64).")
+    max_objects: int = opt(15, "Keep at most this many planned objects.")
+
+
+@dataclass
+class VLMServerConfig:
+    """Starting and stopping vLLM for stage 1 (only when no --vlm-url is given)."""
+
+    vlm_model_id: str = opt("Qwen/Qwen3-VL-8B-Thinking", "Hugging Face model id or local folder that vLLM serves.")
+    vllm_command: str = opt("vllm", "Executable that provides `serve` (argv[0]); e.g. a path inside the vllm env.")
+    vlm_port: int = opt(0, "Port for vLLM on 127.0.0.1 (0: pick a free one).")
+    gpus: str | None = opt(None, "GPU ids for vLLM, e.g. '0' or '0,1' (sets CUDA_VISIBLE_DEVICES).")
+    tensor_parallel_size: int = opt(1, "vLLM --tensor-parallel-size.")
+    max_model_len: int = opt(16384, "vLLM --max-model-len.")
+    gpu_memory_utilization: float = opt(0.85, "vLLM --gpu-memory-utilization.")
+    ready_timeout: float = opt(1800.0, "Seconds to wait for vLLM to become ready (first load can be slow).")
+    keep_server: bool = opt(False, "Leave vLLM running after stage 1 and print its URL.")
+    models_dir: Path | None = opt(None, "Where to download model weights (default: the Hugging Face cache).", env="SAM3DGS_MODELS_DIR")
+
+
+@dataclass
+class SegmenterConfig:
+    """Stage 1b: text or box prompts -> one mask per object."""
+
+    segmenter: Literal["auto", "sam3", "classical"] = opt("auto", "sam3: SAM3 on GPU; classical: built-in, no model.")
+    box: list[str] = opt([], "A box prompt 'x0,y0,x1,y1[,label]' in pixels (repeatable).", action="append")
+    confidence: float = opt(0.5, "Keep masks whose score is at least this.")
+    dedup_iou: float = opt(0.8, "Masks overlapping an earlier one by this IoU or more are dropped as duplicates.")
+    sam3_checkpoint: Path | None = opt(None, "Local SAM3 checkpoint (default: download facebook/sam3 with HF_TOKEN).")
+    sam3_bpe: Path | None = opt(None, "CLIP BPE vocab bpe_simple_vocab_16e6.txt.gz (default: found in sam3 or open_clip).")
+    dtype: Literal["bfloat16", "float32"] = opt("bfloat16", "Autocast dtype on CUDA.")
+
+
+@dataclass
+class LifterConfig:
+    """Stage 2: photo + mask -> Gaussians with a pose."""
+
+    lifter: Literal["auto", "sam3d", "inflate"] = opt("auto", "sam3d: SAM 3D Objects on GPU; inflate: built-in silhouette inflation.")
+    masks: Path | None = opt(None, "Existing masks: a run folder, a folder of 0.png,1.png,... or the reference layout masks/obj_i/<name>/mask_k.png.")
+    sam3d_root: Path | None = opt(None, "The sam-3d-objects checkout (default: ./sam-3d-objects).", env="SAM3D_ROOT")
+    checkpoint_tag: str = opt("hf", "Checkpoint folder under sam-3d-objects/checkpoints/.")
+    inflate_gaussians: int = opt(6000, "Gaussians per object for the inflate lifter (front and back together).")
+
+
+@dataclass
+class ExportConfig:
+    """Writing .ply, .splat, turntable GIFs and the composed scene."""
+
+    renderer: Literal["auto", "cpu", "gsplat"] = opt("auto", "Turntable renderer: gsplat (CUDA) or the built-in CPU one.")
+    turntable: bool = opt(True, "Write turntable GIFs.")
+    gif_frames: int = opt(24, "Frames per turntable GIF.")
+    gif_size: int = opt(256, "Width and height of object turntable GIFs in pixels (the scene GIF keeps the photo's aspect).")
+
+
+STAGE_CONFIGS = (RunConfig, PlannerConfig, VLMServerConfig, SegmenterConfig, LifterConfig, ExportConfig)
+
+
+def env_default(f: dataclasses.Field) -> Any:
+    name = f.metadata.get("env")
+    if name and os.environ.get(name):
+        return os.environ[name]
+    return None
+
+
+def to_record(cfg: Any) -> dict[str, Any]:
+    """A config as a JSON-able dict for run.json, with secrets redacted."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.metadata.get("secret") and value:
+            value = "<redacted>"
+        elif isinstance(value, Path):
+            value = str(value)
+        out[f.name] = value
+    return out

@@ -1,0 +1,1 @@
+"""Stage 2, masks -> objects: lifters that turn photo + mask into posed 3D Gaussians."""

@@ -1,0 +1,1 @@
+"""Stage 1a, image -> plan: a VLM names the objects worth segmenting."""

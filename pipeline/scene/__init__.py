@@ -1,0 +1,1 @@
+"""objects -> scene: composition into the camera frame, .ply/.splat files, turntable rendering."""

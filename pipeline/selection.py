@@ -1,0 +1,123 @@
+"""Which backend runs each stage: explicit flags win, then the profile decides.
+
+`--profile full`  vLLM-served VLM planner + SAM3 + SAM 3D Objects (fails clearly if missing)
+`--profile lite`  built-in CPU backends (no planner, classical segmenter, inflate lifter)
+`--profile auto`  per stage, the full backend when it is usable here, else the built-in one
+
+The choice and the reason for it are printed and recorded in run.json under "backends".
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.core.config import LifterConfig, PlannerConfig, RunConfig, SegmenterConfig, VLMServerConfig
+
+
+@dataclass
+class BackendChoice:
+    planner: str  # 'vlm' or 'none'
+    segmenter: str  # 'sam3' or 'classical'
+    lifter: str  # 'sam3d' or 'inflate'
+    start_vlm_server: bool = False
+    reasons: dict[str, str] = field(default_factory=dict)
+
+    def record(self) -> dict[str, object]:
+        return {
+            "planner": self.planner,
+            "segmenter": self.segmenter,
+            "lifter": self.lifter,
+            "vlm_server_started": self.start_vlm_server,
+            "reasons": dict(self.reasons),
+        }
+
+
+def cuda_available() -> bool:
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def module_available(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def sam3d_root(cfg: LifterConfig) -> Path:
+    return Path(cfg.sam3d_root) if cfg.sam3d_root else Path(__file__).resolve().parent.parent / "sam-3d-objects"
+
+
+def _sam3d_usable(cfg: LifterConfig) -> tuple[bool, str]:
+    root = sam3d_root(cfg)
+    if not (root / "notebook" / "inference.py").exists():
+        return False, f"no sam-3d-objects checkout at {root}"
+    if not (root / "checkpoints" / cfg.checkpoint_tag / "pipeline.yaml").exists():
+        return False, f"no checkpoints at {root / 'checkpoints' / cfg.checkpoint_tag}"
+    if not module_available("sam3d_objects"):
+        return False, "sam3d_objects is not importable in this env"
+    if not cuda_available():
+        return False, "no CUDA GPU"
+    return True, "sam-3d-objects checkout, checkpoints and a CUDA GPU are present"
+
+
+def choose_backends(
+    run: RunConfig, planner: PlannerConfig, server: VLMServerConfig, seg: SegmenterConfig, lifter: LifterConfig
+) -> BackendChoice:
+    reasons: dict[str, str] = {}
+    profile = run.profile
+
+    # Planner: an explicit --vlm-url is a request to use it, in every profile.
+    start_server = False
+    if planner.planner != "auto":
+        plan_name, reasons["planner"] = planner.planner, "--planner flag"
+    elif planner.vlm_url:
+        plan_name, reasons["planner"] = "vlm", f"--vlm-url {planner.vlm_url}"
+    elif profile == "lite":
+        plan_name, reasons["planner"] = "none", "profile lite: the classical segmenter finds objects itself"
+    elif profile == "full":
+        plan_name, reasons["planner"] = "vlm", "profile full: start vLLM"
+    elif shutil.which(server.vllm_command) and cuda_available():
+        plan_name, reasons["planner"] = "vlm", f"'{server.vllm_command}' found and a CUDA GPU is present"
+    else:
+        plan_name = "none"
+        reasons["planner"] = f"no --vlm-url, and '{server.vllm_command}' or a CUDA GPU is missing"
+    if plan_name == "vlm" and not planner.vlm_url:
+        start_server = True
+
+    # Segmenter.
+    if seg.segmenter != "auto":
+        seg_name, reasons["segmenter"] = seg.segmenter, "--segmenter flag"
+    elif profile == "lite":
+        seg_name, reasons["segmenter"] = "classical", "profile lite"
+    elif profile == "full":
+        seg_name, reasons["segmenter"] = "sam3", "profile full"
+    elif module_available("sam3") and cuda_available():
+        seg_name, reasons["segmenter"] = "sam3", "sam3 importable and a CUDA GPU is present"
+    else:
+        seg_name = "classical"
+        reasons["segmenter"] = "sam3 not importable here" if not module_available("sam3") else "no CUDA GPU"
+    if seg_name == "sam3" and plan_name == "none" and not seg.box:
+        # SAM3 needs prompts; without a planner or boxes the built-in segmenter finds objects.
+        if seg.segmenter == "sam3":
+            reasons["segmenter"] += " (no planner: give --box or a VLM)"
+        else:
+            seg_name, reasons["segmenter"] = "classical", "no planner and no --box prompts for SAM3"
+
+    # Lifter.
+    if lifter.lifter != "auto":
+        lift_name, reasons["lifter"] = lifter.lifter, "--lifter flag"
+    elif profile == "lite":
+        lift_name, reasons["lifter"] = "inflate", "profile lite"
+    elif profile == "full":
+        lift_name, reasons["lifter"] = "sam3d", "profile full"
+    else:
+        ok, why = _sam3d_usable(lifter)
+        lift_name, reasons["lifter"] = ("sam3d", why) if ok else ("inflate", why)
+    return BackendChoice(plan_name, seg_name, lift_name, start_server, reasons)

@@ -1,0 +1,357 @@
+"""The two stages as reusable units: build once (models loaded once), then `process` photo after photo.
+
+    stage1 = Stage1(configs); stage1.process(image, run_dir)        photo -> plan -> masks/
+    stage2 = Stage2(configs); stage2.process(run_dir, image, masks)  masks -> objects/ -> scene/ -> report
+
+This is the shape a Ray actor wants: construct on a GPU worker, then feed it photos.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import pipeline
+from pipeline.core import config as C
+from pipeline.core.atomic import clean_stale_temporaries, write_json_atomic
+from pipeline.core.errors import BackendError, InputError, PipelineError
+from pipeline.core.runfolder import Manifest, RunPaths, sha256_file
+from pipeline.core.types import ObjectMask, Plan, PlanItem
+from pipeline.selection import BackendChoice, choose_backends
+
+
+@dataclass
+class Configs:
+    run: C.RunConfig = field(default_factory=C.RunConfig)
+    planner: C.PlannerConfig = field(default_factory=C.PlannerConfig)
+    server: C.VLMServerConfig = field(default_factory=C.VLMServerConfig)
+    segmenter: C.SegmenterConfig = field(default_factory=C.SegmenterConfig)
+    lifter: C.LifterConfig = field(default_factory=C.LifterConfig)
+    export: C.ExportConfig = field(default_factory=C.ExportConfig)
+
+    def record(self) -> dict[str, Any]:
+        return {name: C.to_record(getattr(self, name)) for name in ("run", "planner", "server", "segmenter", "lifter", "export")}
+
+
+def versions() -> dict[str, str]:
+    """Versions of what ran, for run.json (only modules already imported or cheap to query)."""
+    from importlib import metadata
+
+    out = {"sam3d-gs": pipeline.__version__, "python": platform.python_version(), "platform": platform.platform()}
+    for dist in ("numpy", "pillow", "torch", "opencv-python-headless", "scipy", "openai", "sam3", "gsplat", "viser"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def parse_box_flags(values: list[str], width: int, height: int) -> list[PlanItem]:
+    """`--box x0,y0,x1,y1[,label]` in pixels -> plan items (clamped; bad boxes are errors)."""
+    items = []
+    for raw in values:
+        parts = [p.strip() for p in raw.split(",")]
+        try:
+            x0, y0, x1, y1 = (float(p) for p in parts[:4])
+        except ValueError:
+            raise InputError(f"--box {raw!r} is not 'x0,y0,x1,y1[,label]'.", "give four pixel numbers, e.g. --box 10,20,200,180,mug") from None
+        x0, x1 = max(0.0, min(x0, width)), max(0.0, min(x1, width))
+        y0, y1 = max(0.0, min(y0, height)), max(0.0, min(y1, height))
+        if x1 - x0 < 2 or y1 - y0 < 2:
+            raise InputError(f"--box {raw!r} is empty or outside the {width}x{height} image.", "give x0 < x1 and y0 < y1 inside the image.")
+        label = ",".join(parts[4:]).strip() or "object"
+        items.append(PlanItem(phrase=label[:60], box_xyxy=(x0, y0, x1, y1)))
+    return items
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def prepare_input(paths: RunPaths, image_path: Path) -> tuple[np.ndarray, str]:
+    """Normalize the photo into <run>/input/image.png; returns (rgb, sha256 of the original file)."""
+    from pipeline.image.load import load_photo, save_png
+
+    rgb = load_photo(image_path)
+    sha = sha256_file(image_path)
+    if not paths.input_image.exists() or Path(image_path).resolve() != paths.input_image.resolve():
+        save_png(paths.input_image, rgb)
+    return rgb, sha
+
+
+class Stage1:
+    """photo -> plan -> masks/. Loads the planner and segmenter once."""
+
+    def __init__(self, cfg: Configs, choice: BackendChoice | None = None, log=print):
+        self.cfg = cfg
+        self.choice = choice or choose_backends(cfg.run, cfg.planner, cfg.server, cfg.segmenter, cfg.lifter)
+        self.log = log
+        self._segmenter = None
+
+    def segmenter(self):
+        if self._segmenter is None:
+            if self.choice.segmenter == "sam3":
+                from pipeline.masks.sam3 import Sam3Segmenter
+
+                self._segmenter = Sam3Segmenter(self.cfg.segmenter, device=self.cfg.run.device)
+            else:
+                from pipeline.masks.classical import ClassicalSegmenter
+
+                self._segmenter = ClassicalSegmenter()
+        return self._segmenter
+
+    @contextlib.contextmanager
+    def planner(self, paths: RunPaths):
+        """Yields a planner (or None); starts and stops vLLM around it when no --vlm-url was given."""
+        if self.choice.planner != "vlm":
+            yield None
+            return
+        from pipeline.plan.vlm import VLMPlanner
+
+        if not self.choice.start_vlm_server:
+            yield VLMPlanner(self.cfg.planner)
+            return
+        from dataclasses import replace
+
+        from pipeline.plan.server import VLLMServer
+
+        with VLLMServer(self.cfg.server, paths.logs_dir / "vllm.log") as server:
+            pcfg = replace(self.cfg.planner, vlm_url=server.url, vlm_api_key=server.api_key, vlm_model=server.model_name)
+            yield VLMPlanner(pcfg)
+
+    def input_key(self, image_sha: str) -> str:
+        c = self.cfg
+        return _key(image_sha, self.choice.planner, self.choice.segmenter, C.to_record(c.segmenter), c.planner.prompt, c.planner.max_objects, c.planner.vlm_model if self.choice.planner == "vlm" else None)
+
+    def process(self, image_path: Path, run_dir: Path) -> dict[str, Any]:
+        paths = RunPaths(Path(run_dir))
+        paths.root.mkdir(parents=True, exist_ok=True)
+        clean_stale_temporaries(paths.root)
+        manifest = Manifest(paths)
+        t0 = time.perf_counter()
+        image, sha = prepare_input(paths, Path(image_path))
+        h, w = image.shape[:2]
+        key = self.input_key(sha)
+        manifest.update(
+            inputs={"image": {"path": str(image_path), "sha256": sha, "width": w, "height": h}},
+            config=self.cfg.record(),
+            backends=self.choice.record(),
+            versions=versions(),
+        )
+        if not self.cfg.run.force and paths.masks_json.exists():
+            done = json.loads(paths.masks_json.read_text())
+            if done.get("meta", {}).get("input_key") == key:
+                self.log(f"stage 1: masks/ already done for these inputs ({len(done.get('objects', []))} objects); --force redoes them")
+                return {"skipped": True, "objects": len(done.get("objects", []))}
+
+        boxes = parse_box_flags(self.cfg.segmenter.box, w, h)
+        timings: dict[str, float] = {}
+        with self.planner(paths) as planner:
+            t = time.perf_counter()
+            if planner is not None:
+                plan = planner.plan(image, query=self.cfg.planner.prompt)
+                plan.items = boxes + plan.items
+            else:
+                plan = Plan(items=boxes, mode="none", query=self.cfg.planner.prompt)
+            timings["plan"] = time.perf_counter() - t
+            t = time.perf_counter()
+            masks = self.segmenter().segment(image, plan if plan.items else None)
+            timings["segment"] = time.perf_counter() - t
+            verified = None
+            if planner is not None and self.cfg.planner.prompt and masks:
+                t = time.perf_counter()
+                keep = planner.verify(image, masks, self.cfg.planner.prompt)
+                verified = {"candidates": len(masks), "kept": sorted(keep)}
+                masks = [m for i, m in enumerate(masks) if i in set(keep)]
+                timings["verify"] = time.perf_counter() - t
+        self._write_plan(paths, plan, verified)
+        if not masks:
+            raise InputError(
+                "stage 1 found no objects in the photo; nothing was written to masks/.",
+                "try --segmenter/--planner options, a --prompt, or give --box x0,y0,x1,y1 prompts.",
+            )
+        from pipeline.masks.store import write_masks
+
+        seg_report = getattr(self._segmenter, "last_report", None)
+        written = write_masks(paths.masks_dir, image, masks, meta={"input_key": key, "segmenter": self.choice.segmenter, "planner": self.choice.planner, "segmenter_report": seg_report})
+        timings["stage1_total"] = time.perf_counter() - t0
+        manifest.update(
+            timings={f"stage1.{k}": round(v, 4) for k, v in timings.items()},
+            objects={m.id: {"label": m.label, "score": m.score if np.isfinite(m.score) else None, "area": m.area, "status": "masked"} for m in written},
+        )
+        self.log(f"stage 1: {len(written)} objects -> {paths.masks_dir}")
+        return {"skipped": False, "objects": len(written), "timings": timings}
+
+    def _write_plan(self, paths: RunPaths, plan: Plan, verified: dict | None) -> None:
+        try:
+            from pipeline.plan.vlm import plan_record
+
+            record = plan_record(plan, {"verified": verified})
+        except ImportError:
+            record = {"mode": plan.mode, "items": [{"phrase": i.phrase, "box_xyxy": i.box_xyxy} for i in plan.items]}
+        write_json_atomic(paths.plan, record)
+
+
+class Stage2:
+    """masks -> objects/ (gaussians.pt per object) -> scene/ and exports -> report. Loads the lifter once."""
+
+    def __init__(self, cfg: Configs, choice: BackendChoice | None = None, log=print):
+        self.cfg = cfg
+        self.choice = choice or choose_backends(cfg.run, cfg.planner, cfg.server, cfg.segmenter, cfg.lifter)
+        self.log = log
+        self._lifter = None
+
+    def lifter(self):
+        if self._lifter is None:
+            if self.choice.lifter == "sam3d":
+                from pipeline.objects.sam3d import Sam3dLifter
+
+                self._lifter = Sam3dLifter(self.cfg.lifter, device=self.cfg.run.device)
+            else:
+                from pipeline.objects.inflate import InflateLifter
+
+                self._lifter = InflateLifter(n_gaussians=self.cfg.lifter.inflate_gaussians)
+        return self._lifter
+
+    def load_masks(self, paths: RunPaths, image: np.ndarray, masks_path: Path | None) -> list[ObjectMask]:
+        from pipeline.masks.layouts import find_masks
+        from pipeline.masks.store import write_masks
+
+        h, w = image.shape[:2]
+        source = Path(masks_path) if masks_path else paths.root
+        mask_set = find_masks(source, (w, h))
+        if mask_set.skipped:
+            for s in mask_set.skipped:
+                self.log(f"stage 2: skipped {s['file']}: {s['reason']}")
+        if not mask_set.masks:
+            raise InputError(f"no usable masks in {source} (all {len(mask_set.skipped)} were empty).", "give a folder with non-empty masks.")
+        ours = paths.masks_json.exists() and source.resolve() in (paths.root.resolve(), paths.masks_dir.resolve())
+        if ours:
+            return mask_set.masks
+        # Foreign masks are copied into this run's masks/ so the run folder stands on its own.
+        written = write_masks(paths.masks_dir, image, mask_set.masks, meta={"imported_from": str(source), "layout": mask_set.layout, "sources": mask_set.sources, "skipped": mask_set.skipped})
+        Manifest(paths).update(inputs={"masks": {"path": str(source), "layout": mask_set.layout, "skipped": mask_set.skipped}})
+        return written
+
+    def process(self, run_dir: Path, image_path: Path | None = None, masks_path: Path | None = None) -> dict[str, Any]:
+        from pipeline.objects.gaussians_pt import save_object_pt
+
+        paths = RunPaths(Path(run_dir))
+        paths.root.mkdir(parents=True, exist_ok=True)
+        clean_stale_temporaries(paths.root)
+        manifest = Manifest(paths)
+        t0 = time.perf_counter()
+        if image_path is None:
+            if not paths.input_image.exists():
+                raise InputError(f"{paths.root} has no input/image.png and no --image was given.", "pass --image PHOTO.")
+            image_path = paths.input_image
+        image, sha = prepare_input(paths, Path(image_path))
+        masks = self.load_masks(paths, image, masks_path)
+        manifest.update(
+            inputs={"image": {"path": str(image_path), "sha256": sha, "width": image.shape[1], "height": image.shape[0]}},
+            config=self.cfg.record(),
+            backends={"lifter": self.choice.lifter, "reasons": {**manifest.data.get("backends", {}).get("reasons", {}), "lifter": self.choice.reasons.get("lifter", "")}},
+            versions=versions(),
+        )
+        lifter = self.lifter()
+        todo, results = [], {}
+        for m in masks:
+            key = _key(sha, hashlib.sha256(np.packbits(m.mask).tobytes()).hexdigest(), self.choice.lifter, C.to_record(self.cfg.lifter), self.cfg.run.seed)
+            status_path = paths.object_dir(m.id) / "status.json"
+            if not self.cfg.run.force and status_path.exists() and (paths.object_dir(m.id) / "gaussians.pt").exists():
+                st = json.loads(status_path.read_text())
+                if st.get("input_key") == key and st.get("status") == "done":
+                    results[m.id] = st
+                    continue
+            todo.append((m, key))
+        if len(todo) < len(masks):
+            self.log(f"stage 2: {len(masks) - len(todo)} objects already done for the same inputs (--force redoes them)")
+        t = time.perf_counter()
+        context = lifter.prepare(image) if todo else None
+        prepare_s = time.perf_counter() - t
+        for m, key in _progress(todo, self.cfg.run.progress, "stage 2: objects"):
+            t = time.perf_counter()
+            status: dict[str, Any] = {"id": m.id, "label": m.label, "input_key": key, "lifter": self.choice.lifter}
+            try:
+                obj = _lift_with_retry(lifter, context, m, self.cfg.run.seed)
+                save_object_pt(paths.object_dir(m.id) / "gaussians.pt", obj)
+                if obj.mesh_glb:
+                    from pipeline.core.atomic import write_bytes_atomic
+
+                    write_bytes_atomic(paths.object_dir(m.id) / "mesh.glb", obj.mesh_glb)
+                status.update(status="done", n_gaussians=len(obj.gaussians), error=None)
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:  # one object failing never loses the others
+                status.update(status="failed", error=_one_line(exc))
+                self.log(f"stage 2: {m.id} failed: {status['error']}")
+            status["seconds"] = round(time.perf_counter() - t, 3)
+            write_json_atomic(paths.object_dir(m.id) / "status.json", status)
+            results[m.id] = status
+            manifest.set_object(m.id, **{k: status[k] for k in ("status", "error", "seconds") if k in status}, n_gaussians=status.get("n_gaussians"), label=m.label, score=m.score if np.isfinite(m.score) else None, area=m.area)
+        for oid, st in results.items():
+            if st.get("status") == "done":
+                manifest.data["objects"].setdefault(oid, {}).update(status="done", n_gaussians=st.get("n_gaussians"), error=None)
+        pointmaps = getattr(lifter, "pointmap_computations", None)
+        timings = {"stage2.prepare": round(prepare_s, 4), "stage2.lift": round(time.perf_counter() - t0, 4)}
+        if pointmaps is not None:
+            manifest.data.setdefault("stats", {})["pointmap_computations"] = pointmaps
+        manifest.update(timings=timings)
+        export_summary = self.export(paths, manifest)
+        return {"objects": results, "export": export_summary}
+
+    def export(self, paths: RunPaths, manifest: Manifest) -> dict[str, Any]:
+        from pipeline.scene.export import export_run
+
+        t = time.perf_counter()
+        summary = export_run(paths.root, self.cfg.export, progress=self.cfg.run.progress)
+        manifest.update(timings={"export": round(time.perf_counter() - t, 4)}, export=_jsonable(summary))
+        write_report(paths, manifest)
+        return summary
+
+
+def write_report(paths: RunPaths, manifest: Manifest) -> None:
+    from pipeline.report.html import write_report as _write
+
+    t = time.perf_counter()
+    _write(paths.root)
+    manifest.update(timings={"report": round(time.perf_counter() - t, 4)})
+
+
+def _lift_with_retry(lifter, context, m: ObjectMask, seed: int):
+    """One retry after freeing memory; the lifter's own retry (sam3d) happens inside lift_with_retry."""
+    if hasattr(lifter, "lift_with_retry"):
+        return lifter.lift_with_retry(context, m, seed=seed)
+    try:
+        return lifter.lift(context, m, seed=seed)
+    except (MemoryError, RuntimeError, BackendError):
+        lifter.release()
+        return lifter.lift(context, m, seed=seed)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}"[:300] if not isinstance(exc, PipelineError) else text[:300]
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def _progress(items, enabled: bool, desc: str):
+    if not enabled or not items:
+        return items
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, unit="obj", file=sys.stderr, leave=False)

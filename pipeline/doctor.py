@@ -117,7 +117,7 @@ def collect(seg: SegmenterConfig, lifter: LifterConfig, server: VLMServerConfig)
 
     sam3_py = pythons["sam3"]
     if sam3_py:
-        ok, msg = probe(sam3_py, "import sam3, torch; print('sam3', getattr(sam3, '__version__', '?'), 'torch', torch.__version__)")
+        ok, msg = probe(sam3_py, "import torch; from sam3.model_builder import build_sam3_image_model; print('sam3 ok, torch', torch.__version__)")
         checks.append(Check("import sam3 (sam3 env)", ok, msg, "bash envs/setup.sh sam3"))
         bpe_arg = repr(str(seg.sam3_bpe)) if seg.sam3_bpe else "None"
         ok, msg = probe(sam3_py, f"from pipeline.masks.sam3 import resolve_bpe_path; print(resolve_bpe_path({bpe_arg}))")
@@ -132,7 +132,7 @@ def collect(seg: SegmenterConfig, lifter: LifterConfig, server: VLMServerConfig)
     checks.append(Check(f"SAM 3D checkpoints ({lifter.checkpoint_tag})", ckpt.is_file(), str(ckpt), "export HF_TOKEN=... (after accepting the licence at huggingface.co/facebook/sam-3d-objects); they download on first use"))
     sam3d_py = pythons["sam3d"]
     if sam3d_py:
-        ok, msg = probe(sam3d_py, "import sam3d_objects, torch; print('sam3d_objects ok, torch', torch.__version__)")
+        ok, msg = probe(sam3d_py, "import torch, sam3d_objects; assert sam3d_objects.__file__, 'namespace only'; print('sam3d_objects ok, torch', torch.__version__)")
         checks.append(Check("import sam3d_objects (sam3d-objects env)", ok, msg, "bash envs/setup.sh sam3d"))
 
     token = hf_token_present()

@@ -44,10 +44,13 @@ def cuda_available() -> bool:
 
 
 def module_available(name: str) -> bool:
+    """True when `name` is a real module here. An empty folder (e.g. the uninitialised `sam3/`
+    submodule next to the working directory) is a namespace package without an origin: not counted."""
     try:
-        return importlib.util.find_spec(name) is not None
+        spec = importlib.util.find_spec(name)
     except (ImportError, ValueError):
         return False
+    return spec is not None and spec.origin is not None
 
 
 def sam3d_root(cfg: LifterConfig) -> Path:
@@ -98,11 +101,11 @@ def choose_backends(
         seg_name, reasons["segmenter"] = "classical", "profile lite"
     elif profile == "full":
         seg_name, reasons["segmenter"] = "sam3", "profile full"
-    elif module_available("sam3") and cuda_available():
+    elif module_available("sam3.model_builder") and cuda_available():
         seg_name, reasons["segmenter"] = "sam3", "sam3 importable and a CUDA GPU is present"
     else:
         seg_name = "classical"
-        reasons["segmenter"] = "sam3 not importable here" if not module_available("sam3") else "no CUDA GPU"
+        reasons["segmenter"] = "sam3 not importable here" if not module_available("sam3.model_builder") else "no CUDA GPU"
     if seg_name == "sam3" and plan_name == "none" and not seg.box:
         # SAM3 needs prompts; without a planner or boxes the built-in segmenter finds objects.
         if seg.segmenter == "sam3":

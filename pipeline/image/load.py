@@ -66,6 +66,8 @@ def load_photo(path: Path) -> np.ndarray:
         raise InputError(f"Photo {path} is too large to load safely ({exc}).", _FIX_SIZE) from exc
     except Image.UnidentifiedImageError as exc:
         raise InputError(f"{path} is not an image file Pillow can read.", _FIX_PHOTO) from exc
+    except PermissionError as exc:
+        raise InputError(f"Photo {path} cannot be read (permission denied).", "check the file's permissions.") from exc
     except MemoryError as exc:
         raise InputError(f"Not enough memory to load photo {path}.", "downscale the photo and try again.") from exc
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as exc:

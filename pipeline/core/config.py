@@ -92,6 +92,8 @@ class LifterConfig:
     masks: Path | None = opt(None, "Existing masks: a run folder, a folder of 0.png,1.png,... or the reference layout masks/obj_i/<name>/mask_k.png.")
     sam3d_root: Path | None = opt(None, "The sam-3d-objects checkout (default: ./sam-3d-objects).", env="SAM3D_ROOT")
     checkpoint_tag: str = opt("hf", "Checkpoint folder under sam-3d-objects/checkpoints/.")
+    sam3d_compile: bool = opt(False, "torch.compile SAM 3D Objects (minutes of warm-up once per process, then faster per object).")
+    sam3d_min_gpu_gib: float = opt(30.0, "Refuse to load SAM 3D Objects on a GPU smaller than this many GiB, or with under 85 percent of that free (upstream asks for 32 GB).")
     inflate_gaussians: int = opt(6000, "Gaussians per object for the inflate lifter (front and back together).")
 
 

@@ -53,6 +53,9 @@ class PlannerConfig:
     vlm_timeout: float = opt(300.0, "Seconds to wait for one VLM answer.")
     vlm_max_image_side: int = opt(1280, "Longest side, in pixels, of the image sent to the VLM (downscaled inline base64).")
     max_objects: int = opt(15, "Keep at most this many planned objects.")
+    vlm_max_tokens: int = opt(8192, "Most tokens one VLM answer may use (thinking models need thousands).")
+    vlm_temperature: float | None = opt(None, "Sampling temperature for the VLM (default: the model's own generation config).")
+    vlm_structured_output: bool = opt(True, "Ask for JSON through response_format=json_schema (falls back to plain text if the server rejects it).")
 
 
 @dataclass
@@ -69,6 +72,9 @@ class VLMServerConfig:
     ready_timeout: float = opt(1800.0, "Seconds to wait for vLLM to become ready (first load can be slow).")
     keep_server: bool = opt(False, "Leave vLLM running after stage 1 and print its URL.")
     models_dir: Path | None = opt(None, "Where to download model weights (default: the Hugging Face cache).", env="SAM3DGS_MODELS_DIR")
+    reasoning_parser: str = opt("qwen3", "vLLM --reasoning-parser (moves <think> text to a separate field); '' for none.")
+    limit_mm_per_prompt: str = opt('{"image": 1, "video": 0}', "vLLM --limit-mm-per-prompt as JSON (one image per request is all the planner sends).")
+    vllm_arg: list[str] = opt([], "One more argument passed to `vllm serve` as is (repeatable), e.g. --vllm-arg=--enforce-eager.", action="append")
 
 
 @dataclass
@@ -79,6 +85,8 @@ class SegmenterConfig:
     box: list[str] = opt([], "A box prompt 'x0,y0,x1,y1[,label]' in pixels (repeatable).", action="append")
     confidence: float = opt(0.5, "Keep masks whose score is at least this.")
     dedup_iou: float = opt(0.8, "Masks overlapping an earlier one by this IoU or more are dropped as duplicates.")
+    max_masks_per_phrase: int = opt(3, "SAM3: keep at most this many instances per phrase (a phrase with a box keeps one).")
+    sam3_phrase_batch: int = opt(16, "SAM3: phrases grounded together on the encoded image (lower it if the GPU runs out of memory).")
     sam3_checkpoint: Path | None = opt(None, "Local SAM3 checkpoint (default: download facebook/sam3 with HF_TOKEN).")
     sam3_bpe: Path | None = opt(None, "CLIP BPE vocab bpe_simple_vocab_16e6.txt.gz (default: found in sam3 or open_clip).")
     dtype: Literal["bfloat16", "float32"] = opt("bfloat16", "Autocast dtype on CUDA.")
@@ -105,6 +113,8 @@ class ExportConfig:
     turntable: bool = opt(True, "Write turntable GIFs.")
     gif_frames: int = opt(24, "Frames per turntable GIF.")
     gif_size: int = opt(256, "Width and height of object turntable GIFs in pixels (the scene GIF keeps the photo's aspect).")
+    scene_gif_size: int = opt(384, "Longer side of the scene GIF in pixels (it keeps the photo's aspect; frame 0 is the photo's view).")
+    gif_fps: float = opt(12.0, "Frames per second of the turntable and scene GIFs.")
 
 
 STAGE_CONFIGS = (RunConfig, PlannerConfig, VLMServerConfig, SegmenterConfig, LifterConfig, ExportConfig)

@@ -1,0 +1,691 @@
+"""The `vlm` planner: any OpenAI-compatible chat server (vLLM + Qwen3-VL-8B-Thinking by default).
+
+The photo is sent inline as a base64 JPEG data URL, downscaled to `--vlm-max-image-side`, so the
+server never needs filesystem access. JSON is requested through structured output
+(`response_format` json_schema); a server that rejects it (HTTP 400/422) is asked again in plain
+text, and `pipeline.plan.parse` reads whatever comes back.
+
+Decisions worth knowing:
+- A readable but empty object list raises `EmptyPlanError` (a `BackendError`): the run cannot go on
+  without objects, and the error carries the plan (raw answer, reasoning) so `stage1/plan.json`
+  can still be written. The lead's stage may catch it to fall back to the classical segmenter.
+- An unreadable answer raises `VLMAnswerError` (also carrying the plan).
+- `verify` fails open: when its answer cannot be read, every candidate is kept and a warning is
+  recorded in `last_verification`.
+- Retries: up to len(retry_delays) more tries for connection errors and HTTP 5xx only; a timeout
+  is not retried (it already waited `--vlm-timeout`).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from pipeline.core.config import PlannerConfig
+from pipeline.core.errors import BackendError, InputError, missing_dependency
+from pipeline.core.types import ObjectMask, Plan, PlanItem
+from pipeline.plan.parse import (
+    ParsedPlan,
+    _entries_of,
+    _FENCE,
+    _json_or_none,
+    parse_plan_details,
+    reasoning_from_text,
+    strip_reasoning,
+)
+
+PLAN_FORMAT_VERSION = 1
+MAX_QUERY_CHARS = 500
+
+SCENE_INSTRUCTIONS = (
+    "You plan the 3D reconstruction of the objects in one photo. List every distinct physical object in the "
+    "image that is worth reconstructing in 3D: furniture, devices, containers, tools, toys, plants, food, "
+    "vehicles, people, animals. Usually 8 to 15 objects. Skip walls, floor, ceiling, sky, ground and other "
+    "background surfaces, and parts of objects (a handle, a leg). Name each object with a short English noun "
+    "phrase of 1 to 4 words that a text-prompted segmentation model can find; add a colour or position only to "
+    "tell similar objects apart. Give each object's bounding box as bbox_2d [x1, y1, x2, y2] on a 0-1000 grid "
+    "relative to the image. List each physical object once.\n"
+    'Answer with JSON only: {"objects": [{"phrase": "...", "bbox_2d": [x1, y1, x2, y2]}]}'
+)
+QUERY_INSTRUCTIONS = (
+    "You find objects in one photo for a user. The user asks for: {query}\n"
+    "List only the objects in the image that match this request, each matching instance separately with its "
+    "own box, and nothing else. Name each with a short English noun phrase of 1 to 4 words that a "
+    "text-prompted segmentation model can find. Give its bounding box as bbox_2d [x1, y1, x2, y2] on a 0-1000 "
+    "grid relative to the image. If nothing matches, answer with an empty list.\n"
+    'Answer with JSON only: {{"objects": [{{"phrase": "...", "bbox_2d": [x1, y1, x2, y2]}}]}}'
+)
+VERIFY_INSTRUCTIONS = (
+    "Each candidate object in this image is tinted with a colour, outlined and labelled with a number from 1 to "
+    "{count}. The user asked for: {query}\n"
+    "Which numbered candidates show what the user asked for? Answer with JSON only: "
+    '{{"matches": [numbers]}} (an empty list if none match).'
+)
+
+
+def plan_schema(max_items: int) -> dict[str, Any]:
+    """JSON schema of the planner's answer (also valid for OpenAI's strict mode)."""
+    return {
+        "type": "object",
+        "properties": {
+            "objects": {
+                "type": "array",
+                "maxItems": max(1, max_items),
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "phrase": {"type": "string"},
+                        "bbox_2d": {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4},
+                    },
+                    "required": ["phrase", "bbox_2d"],
+                    "additionalProperties": False,
+                },
+            }
+        },
+        "required": ["objects"],
+        "additionalProperties": False,
+    }
+
+
+def verify_schema(count: int) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {"matches": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": max(1, count)}}},
+        "required": ["matches"],
+        "additionalProperties": False,
+    }
+
+
+class VLMAnswerError(BackendError):
+    """The server answered, but no usable object list came back. `.plan` holds what did come back."""
+
+    def __init__(self, problem: str, fix: str | None = None, *, plan: Plan | None = None):
+        super().__init__(problem, fix)
+        self.plan = plan
+
+
+class EmptyPlanError(VLMAnswerError):
+    """The model answered with an empty object list (or only phrases that were sanitized away)."""
+
+
+@dataclass
+class ChatAnswer:
+    content: str
+    reasoning: str
+    finish_reason: str | None
+    model: str
+    usage: dict[str, Any]
+    seconds: float
+    attempts: int
+    structured: bool
+    warnings: list[str] = field(default_factory=list)
+
+
+class VLMPlanner:
+    """Planner backed by an OpenAI-compatible chat endpoint serving a vision-language model."""
+
+    name = "vlm"
+
+    def __init__(
+        self,
+        cfg: PlannerConfig,
+        *,
+        url: str | None = None,
+        api_key: str | None = None,
+        model: str | None = None,
+        seed: int | None = None,
+        retry_delays: tuple[float, ...] = (1.0, 4.0),
+    ):
+        """`url`, `api_key` and `model` override the config (e.g. with a `VLLMServer`'s values)."""
+        self.cfg = cfg
+        raw_url = url or cfg.vlm_url
+        if not raw_url:
+            raise InputError(
+                "No VLM server URL was given.",
+                "pass --vlm-url http://HOST:PORT/v1 (or env SAM3DGS_VLM_URL), or let the pipeline start vLLM.",
+            )
+        self.url = normalize_base_url(raw_url)
+        self.api_key = (
+            api_key or cfg.vlm_api_key or os.environ.get("SAM3DGS_VLM_API_KEY") or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+        )
+        self.model = model or cfg.vlm_model
+        self.seed = seed
+        self.retry_delays = tuple(retry_delays)
+        self.structured_output = bool(getattr(cfg, "vlm_structured_output", True))
+        self.last_request: dict[str, Any] = {}
+        self.last_verification: dict[str, Any] | None = None
+        self._client: Any = None
+
+    # ---- public API -------------------------------------------------------------------------
+
+    def plan(self, image: np.ndarray, *, query: str | None = None) -> Plan:
+        """Ask the VLM what to segment. Query mode when `query` (or cfg.prompt) is set."""
+        image = _check_image(image)
+        height, width = image.shape[:2]
+        query = clean_query(query if query is not None else self.cfg.prompt)
+        mode = "query" if query else "scene"
+        text = QUERY_INSTRUCTIONS.format(query=json.dumps(query)) if query else SCENE_INSTRUCTIONS
+        data_url, sent_size = encode_image_data_url(image, self.cfg.vlm_max_image_side)
+        messages = [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": data_url}}, {"type": "text", "text": text}],
+            }
+        ]
+        schema_items = max(1, 2 * self.cfg.max_objects)
+        answer = self._chat(messages, schema=plan_schema(schema_items), schema_name="object_plan")
+        parsed: ParsedPlan = parse_plan_details(
+            answer.content, answer.reasoning, image_size=(width, height), max_objects=self.cfg.max_objects
+        )
+        warnings = answer.warnings + parsed.warnings
+        if answer.finish_reason == "length":
+            warnings.append(
+                f"the answer was cut off at {self.cfg.vlm_max_tokens} tokens (finish_reason=length); raise --vlm-max-tokens"
+            )
+        plan = Plan(
+            items=parsed.items,
+            mode=mode,  # type: ignore[arg-type]
+            query=query,
+            raw_response=answer.content,
+            reasoning=answer.reasoning,
+            warnings=warnings,
+            model=answer.model or self.model,
+        )
+        self.last_request = {
+            "planner": self.name,
+            "url": display_url(self.url),
+            "model": self.model,
+            "mode": mode,
+            "query": query,
+            "prompt": text,
+            "image_original": [width, height],
+            "image_sent": list(sent_size),
+            "structured_output": answer.structured,
+            "max_tokens": self.cfg.vlm_max_tokens,
+            "temperature": self.cfg.vlm_temperature,
+            "seed": self.seed,
+            "finish_reason": answer.finish_reason,
+            "usage": answer.usage,
+            "answer_format": parsed.answer_format,
+            "entries_found": parsed.entries_found,
+            "attempts": answer.attempts,
+            "timing": {"seconds": round(answer.seconds, 3)},
+        }
+        if not plan.items:
+            if parsed.answer_format == "none":
+                raise VLMAnswerError(
+                    f"The VLM '{self.model}' answered, but no object list could be read from it "
+                    f"({_one_line(answer.content or answer.reasoning, 80)!r}).",
+                    "try again, raise --vlm-max-tokens if the answer was cut off, or check that the model is a "
+                    "vision-language model; the raw answer is in stage1/plan.json.",
+                    plan=plan,
+                )
+            if mode == "query":
+                problem = f"The VLM '{self.model}' found nothing matching {query!r} in the photo."
+                fix = "rephrase --prompt, or drop it to reconstruct every object in the scene."
+            else:
+                problem = f"The VLM '{self.model}' returned no usable objects for this photo."
+                fix = "check that the photo shows distinct objects, or run with --planner none to let the classical segmenter find them."
+            if parsed.entries_found:
+                problem = problem[:-1] + f" ({parsed.entries_found} entries were dropped while cleaning them)."
+            raise EmptyPlanError(problem, fix, plan=plan)
+        return plan
+
+    def verify(self, image: np.ndarray, candidates: list[ObjectMask], query: str) -> list[int]:
+        """Show the candidates numbered 1..N on one overlay; return the 0-based indices the VLM picks."""
+        image = _check_image(image)
+        if not candidates:
+            self.last_verification = {"candidates": 0, "kept": [], "warnings": []}
+            return []
+        query = clean_query(query) or ""
+        overlay = draw_numbered_candidates(image, [c.mask for c in candidates], max_side=self.cfg.vlm_max_image_side)
+        data_url, sent_size = encode_image_data_url(overlay, self.cfg.vlm_max_image_side)
+        text = VERIFY_INSTRUCTIONS.format(count=len(candidates), query=json.dumps(query))
+        messages = [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": data_url}}, {"type": "text", "text": text}],
+            }
+        ]
+        answer = self._chat(messages, schema=verify_schema(len(candidates)), schema_name="candidate_matches")
+        numbers, warnings, readable = parse_verify_answer(answer.content, answer.reasoning, len(candidates))
+        warnings = answer.warnings + warnings
+        if readable:
+            kept = sorted({n - 1 for n in numbers})
+        else:
+            kept = list(range(len(candidates)))
+            warnings.append("could not read which candidates match; kept all of them")
+        self.last_verification = {
+            "query": query,
+            "candidates": len(candidates),
+            "labels": [c.label for c in candidates],
+            "kept": kept,
+            "raw_response": answer.content,
+            "reasoning": answer.reasoning,
+            "warnings": warnings,
+            "image_sent": list(sent_size),
+            "structured_output": answer.structured,
+            "timing": {"seconds": round(answer.seconds, 3)},
+        }
+        return kept
+
+    # ---- transport ----------------------------------------------------------------------------
+
+    def _openai(self) -> Any:
+        try:
+            import openai
+        except ImportError as exc:
+            raise missing_dependency("openai", "sam3", "pip install 'openai>=1.40'") from exc
+        return openai
+
+    def _get_client(self) -> Any:
+        if self._client is None:
+            openai = self._openai()
+            # Retries are ours (bounded, 5xx/connection only), so the client's own are off.
+            self._client = openai.OpenAI(
+                base_url=self.url, api_key=self.api_key, timeout=self.cfg.vlm_timeout, max_retries=0
+            )
+        return self._client
+
+    def _chat(self, messages: list[dict[str, Any]], *, schema: dict[str, Any], schema_name: str) -> ChatAnswer:
+        openai = self._openai()
+        client = self._get_client()
+        warnings: list[str] = []
+        use_schema = self.structured_output
+        attempts = 0
+        failures = 0
+        started = time.monotonic()
+        while True:
+            attempts += 1
+            kwargs: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": self.cfg.vlm_max_tokens}
+            if self.cfg.vlm_temperature is not None:
+                kwargs["temperature"] = self.cfg.vlm_temperature
+            if self.seed is not None:
+                kwargs["seed"] = self.seed
+            if use_schema:
+                kwargs["response_format"] = {
+                    "type": "json_schema",
+                    "json_schema": {"name": schema_name, "schema": schema, "strict": True},
+                }
+            try:
+                response = client.chat.completions.create(**kwargs)
+                break
+            except openai.APITimeoutError as exc:
+                raise BackendError(
+                    f"The VLM at {display_url(self.url)} did not answer within {self.cfg.vlm_timeout:g} s.",
+                    "raise --vlm-timeout (thinking models can take minutes), lower --vlm-max-image-side or "
+                    "--vlm-max-tokens, or check that the server is not overloaded.",
+                ) from exc
+            except openai.APIConnectionError as exc:
+                failures += 1
+                if failures <= len(self.retry_delays):
+                    time.sleep(self.retry_delays[failures - 1])
+                    continue
+                raise BackendError(
+                    f"Cannot reach the VLM server at {display_url(self.url)} after {attempts} tries "
+                    f"({_connection_reason(exc)}).",
+                    "start it with `python -m pipeline serve-vlm` (or run_agent_with_vllm.sh), or fix --vlm-url / "
+                    "SAM3DGS_VLM_URL; if it was running, its log says why it stopped.",
+                ) from exc
+            except openai.APIStatusError as exc:
+                status = exc.status_code
+                if use_schema and status in (400, 422):
+                    # Many OpenAI-compatible servers do not know response_format=json_schema.
+                    use_schema = False
+                    self.structured_output = False
+                    warnings.append(
+                        f"the server rejected structured output (HTTP {status}: {_server_message(exc, 120)}); "
+                        "asked again for plain JSON"
+                    )
+                    continue
+                if status >= 500:
+                    failures += 1
+                    if failures <= len(self.retry_delays):
+                        time.sleep(self.retry_delays[failures - 1])
+                        continue
+                raise self._status_error(exc, attempts) from exc
+            except openai.APIError as exc:
+                raise BackendError(
+                    f"The VLM server at {display_url(self.url)} sent something that is not an OpenAI chat "
+                    f"completion ({_one_line(str(exc), 120)}).",
+                    "check that --vlm-url points at an OpenAI-compatible API (it usually ends in /v1).",
+                ) from exc
+        seconds = time.monotonic() - started
+        if not hasattr(response, "choices"):
+            raise BackendError(
+                f"The VLM server at {display_url(self.url)} sent something that is not an OpenAI chat completion "
+                f"({_one_line(str(response), 80)!r}).",
+                "check that --vlm-url points at an OpenAI-compatible API (it usually ends in /v1).",
+            )
+        choices = response.choices or []
+        if not choices or getattr(choices[0], "message", None) is None:
+            raise VLMAnswerError(
+                f"The VLM server at {display_url(self.url)} returned a completion without any answer.",
+                "check the server log; try again.",
+            )
+        message = choices[0].message
+        content = message.content or ""
+        reasoning = _message_reasoning(message) or reasoning_from_text(content)
+        usage = response.usage.model_dump() if getattr(response, "usage", None) is not None else {}
+        return ChatAnswer(
+            content=content,
+            reasoning=reasoning,
+            finish_reason=choices[0].finish_reason,
+            model=getattr(response, "model", "") or self.model,
+            usage={k: v for k, v in usage.items() if isinstance(v, (int, float))},
+            seconds=seconds,
+            attempts=attempts,
+            structured=use_schema,
+            warnings=warnings,
+        )
+
+    def _status_error(self, exc: Any, attempts: int) -> BackendError:
+        status = exc.status_code
+        where = display_url(self.url)
+        detail = _server_message(exc, 160)
+        if status == 401:
+            return BackendError(
+                f"The VLM server at {where} refused the API key (HTTP 401: {detail}).",
+                "pass the server's key with --vlm-api-key or env SAM3DGS_VLM_API_KEY (a server started by "
+                "serve-vlm prints it).",
+            )
+        if status == 403:
+            return BackendError(
+                f"The VLM server at {where} denied access (HTTP 403: {detail}).",
+                "check that the API key is allowed to use this model.",
+            )
+        if status == 404:
+            served = self._served_models()
+            listing = f"; it serves: {', '.join(served)}" if served else ""
+            return BackendError(
+                f"The VLM server at {where} has no model '{self.model}' or no chat endpoint (HTTP 404{listing}).",
+                "pass the served name with --vlm-model (env SAM3DGS_VLM_MODEL), and a --vlm-url that ends in /v1.",
+            )
+        if status == 429:
+            return BackendError(
+                f"The VLM server at {where} is rate-limiting requests (HTTP 429: {detail}).",
+                "wait and run again, or use a server with more capacity.",
+            )
+        if status >= 500:
+            return BackendError(
+                f"The VLM server at {where} failed with HTTP {status} after {attempts} tries ({detail}).",
+                "check the server's log (logs/vllm.log for a server the pipeline started), e.g. for GPU memory; "
+                "then run again.",
+            )
+        return BackendError(
+            f"The VLM server at {where} rejected the request (HTTP {status}: {detail}).",
+            "lower --vlm-max-image-side or --vlm-max-tokens if the message mentions length, or check --vlm-model.",
+        )
+
+    def _served_models(self) -> list[str]:
+        try:
+            return [m.id for m in self._get_client().models.list().data][:10]
+        except Exception:  # best effort, only to improve the message
+            return []
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+
+def normalize_base_url(url: str) -> str:
+    """Strip trailing slashes and add '/v1' to a bare host URL (the usual mistake)."""
+    url = url.strip().rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    parts = urlsplit(url)
+    if parts.path in ("", "/"):
+        url = urlunsplit((parts.scheme, parts.netloc, "/v1", parts.query, parts.fragment))
+    return url
+
+
+def display_url(url: str) -> str:
+    """The URL without any user:password part, for messages and records."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def clean_query(query: str | None) -> str | None:
+    """The user's request as one line of printable text, at most MAX_QUERY_CHARS."""
+    if query is None:
+        return None
+    text = " ".join("".join(ch if ch.isprintable() else " " for ch in query).split())
+    return text[:MAX_QUERY_CHARS] or None
+
+
+def encode_image_data_url(image: np.ndarray, max_side: int, *, quality: int = 90) -> tuple[str, tuple[int, int]]:
+    """RGB uint8 (H, W, 3) -> ('data:image/jpeg;base64,...', (w, h) sent); longest side <= max_side."""
+    pil = Image.fromarray(np.ascontiguousarray(image[..., :3]).astype(np.uint8, copy=False), "RGB")
+    scale = max_side / max(pil.size) if max_side and max(pil.size) > max_side else 1.0
+    if scale < 1.0:
+        size = (max(1, round(pil.width * scale)), max(1, round(pil.height * scale)))
+        pil = pil.resize(size, Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    pil.save(buffer, format="JPEG", quality=quality)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"), pil.size
+
+
+_PALETTE = np.array(
+    [
+        (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+        (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40), (128, 0, 0),
+    ],
+    dtype=np.float32,
+)
+
+
+def draw_numbered_candidates(image: np.ndarray, masks: list[np.ndarray], *, max_side: int = 0) -> np.ndarray:
+    """Tint and outline each (H, W) bool mask and label it 1..N; returns an RGB uint8 (h, w, 3) image.
+
+    Drawn at the size the VLM will see (`max_side`), so labels stay legible after downscaling.
+    """
+    height, width = image.shape[:2]
+    scale = max_side / max(height, width) if max_side and max(height, width) > max_side else 1.0
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    base = Image.fromarray(np.ascontiguousarray(image[..., :3]).astype(np.uint8, copy=False), "RGB")
+    if scale < 1.0:
+        base = base.resize(size, Image.Resampling.LANCZOS)
+    canvas = np.asarray(base, dtype=np.float32).copy()  # (h, w, 3)
+    small_masks = []
+    for mask in masks:
+        m = Image.fromarray(np.asarray(mask, dtype=bool).astype(np.uint8) * 255)
+        if scale < 1.0:
+            m = m.resize(size, Image.Resampling.NEAREST)
+        small_masks.append(np.asarray(m) > 127)  # (h, w) bool
+    thickness = max(1, round(max(size) / 400))
+    for index, mask in enumerate(small_masks):
+        colour = _PALETTE[index % len(_PALETTE)]
+        canvas[mask] = 0.55 * canvas[mask] + 0.45 * colour
+        canvas[_mask_edge(mask, thickness)] = colour
+    out = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(out)
+    font = ImageFont.load_default(size=max(12, round(max(size) / 40)))
+    for index, mask in enumerate(small_masks):
+        x, y = _label_point(mask)
+        label = str(index + 1)
+        left, top, right, bottom = draw.textbbox((x, y), label, font=font, anchor="mm")
+        pad = 3
+        draw.rectangle((left - pad, top - pad, right + pad, bottom + pad), fill=(0, 0, 0), outline=(255, 255, 255))
+        draw.text((x, y), label, fill=(255, 255, 255), font=font, anchor="mm")
+    return np.asarray(out)
+
+
+def _mask_edge(mask: np.ndarray, thickness: int) -> np.ndarray:
+    """Pixels of `mask` within `thickness` of its border (4-neighbour erosion with numpy shifts)."""
+    inner = mask.copy()
+    for _ in range(thickness):
+        shrunk = inner.copy()
+        shrunk[1:, :] &= inner[:-1, :]
+        shrunk[:-1, :] &= inner[1:, :]
+        shrunk[:, 1:] &= inner[:, :-1]
+        shrunk[:, :-1] &= inner[:, 1:]
+        shrunk[0, :] = shrunk[-1, :] = False
+        shrunk[:, 0] = shrunk[:, -1] = False
+        inner = shrunk
+    return mask & ~inner
+
+
+def _label_point(mask: np.ndarray) -> tuple[int, int]:
+    """A point inside the mask near its centroid (the centroid of a ring lies outside it)."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return (0, 0)
+    cy, cx = float(ys.mean()), float(xs.mean())
+    nearest = int(np.argmin((ys - cy) ** 2 + (xs - cx) ** 2))
+    return int(xs[nearest]), int(ys[nearest])
+
+
+_NONE_ANSWER = re.compile(r"\b(?:none|no candidates?|nothing|neither)\b", re.IGNORECASE)
+
+
+def parse_verify_answer(content: str | None, reasoning: str | None, count: int) -> tuple[list[int], list[str], bool]:
+    """Read the candidate numbers (1-based) from a verification answer.
+
+    Returns (numbers, warnings, readable). JSON ({"matches": [...]}, a bare list, fenced) first,
+    then the numbers written in the answer text; out-of-range numbers are dropped with a warning.
+    """
+    warnings: list[str] = []
+    answer = strip_reasoning(content or "")
+    values: list[Any] | None = None
+    candidates_text = [answer] + [body for _lang, body in _FENCE.findall(answer)]
+    for text in candidates_text:
+        value = _json_or_none(text.strip())
+        if value is None:
+            match = re.search(r"\{[^{}]*\}|\[[^\[\]]*\]", text)
+            value = _json_or_none(match.group(0)) if match else None
+        if isinstance(value, dict):
+            for key in ("matches", "numbers", "ids", "indices", "candidates", "selected"):
+                if isinstance(value.get(key), list):
+                    values = value[key]
+                    break
+            else:
+                values = _entries_of(value)
+        elif isinstance(value, list):
+            values = value
+        if values is not None:
+            break
+    if values is None:
+        if not answer and reasoning:
+            answer = reasoning.strip().splitlines()[-1] if reasoning.strip() else ""
+        numbers_in_text = [int(n) for n in re.findall(r"(?<![\d.])\d{1,4}(?!\d|\.\d)", answer)]
+        if numbers_in_text:
+            values = numbers_in_text
+        elif _NONE_ANSWER.search(answer):
+            return [], warnings, True
+        else:
+            return [], warnings, False
+    numbers: list[int] = []
+    for value in values:
+        if isinstance(value, dict):
+            value = next((value[k] for k in ("number", "id", "index", "candidate") if k in value), None)
+        try:
+            number = int(str(value).strip().lstrip("#"))
+        except (TypeError, ValueError):
+            warnings.append(f"ignored a verification entry that is not a number: {_one_line(repr(value), 40)}")
+            continue
+        if 1 <= number <= count:
+            numbers.append(number)
+        else:
+            warnings.append(f"ignored candidate number {number}: only 1..{count} were shown")
+    return numbers, warnings, True
+
+
+def plan_record(plan: Plan, request_meta: dict[str, Any] | None = None, *, verification: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The content of stage1/plan.json (see docs): request, raw answer, reasoning, parsed items, warnings."""
+    request = {k: v for k, v in (request_meta or {}).items() if not _is_secret_key(k) and k != "timing"}
+    return {
+        "format_version": PLAN_FORMAT_VERSION,
+        "planner": request.get("planner", "vlm"),
+        "model": plan.model,
+        "mode": plan.mode,
+        "query": plan.query,
+        "items": [
+            {"phrase": item.phrase, "box_xyxy": list(item.box_xyxy) if item.box_xyxy is not None else None}
+            for item in plan.items
+        ],
+        "warnings": list(plan.warnings),
+        "raw_response": plan.raw_response,
+        "reasoning": plan.reasoning,
+        "request": request,
+        "timing": dict((request_meta or {}).get("timing") or {}),
+        "verification": verification,
+    }
+
+
+def plan_from_record(record: dict[str, Any]) -> Plan:
+    """Read back what `plan_record` wrote (for resuming a run)."""
+    items = []
+    for entry in record.get("items", []):
+        box = entry.get("box_xyxy")
+        items.append(PlanItem(phrase=str(entry["phrase"]), box_xyxy=tuple(float(v) for v in box) if box else None))  # type: ignore[arg-type]
+    return Plan(
+        items=items,
+        mode=record.get("mode", "scene"),
+        query=record.get("query"),
+        raw_response=record.get("raw_response", ""),
+        reasoning=record.get("reasoning", ""),
+        warnings=list(record.get("warnings", [])),
+        model=record.get("model", ""),
+    )
+
+
+def _is_secret_key(name: str) -> bool:
+    lowered = name.lower()
+    return any(word in lowered for word in ("key", "token", "secret", "password"))
+
+
+def _message_reasoning(message: Any) -> str:
+    """vLLM puts reasoning in `reasoning_content` (older) or `reasoning` (0.11+)."""
+    for name in ("reasoning_content", "reasoning"):
+        value = getattr(message, name, None)
+        if value is None:
+            value = (getattr(message, "model_extra", None) or {}).get(name)
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return ""
+
+
+def _check_image(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] < 3 or image.shape[0] == 0 or image.shape[1] == 0:
+        raise InputError(f"The planner needs an RGB image of shape (H, W, 3), got {image.shape}.", "pass the photo as loaded by the pipeline.")
+    if image.dtype != np.uint8:
+        raise InputError(f"The planner needs a uint8 image, got {image.dtype}.", "pass the photo as loaded by the pipeline.")
+    return image
+
+
+def _server_message(exc: Any, limit: int) -> str:
+    body = getattr(exc, "body", None)  # the client already unwrapped {"error": ...}
+    message: Any = None
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        message = inner.get("message") if isinstance(inner, dict) else inner
+        message = message or body.get("message") or body.get("detail")
+    elif isinstance(body, str):
+        message = body
+    if not message:
+        message = getattr(exc, "message", None) or str(exc)
+    return _one_line(str(message), limit)
+
+
+def _connection_reason(exc: Any) -> str:
+    cause = exc.__cause__ or exc.__context__
+    text = str(cause) if cause is not None else str(exc)
+    if "refused" in text.lower():
+        return "connection refused"
+    return _one_line(text or type(exc).__name__, 100)
+
+
+def _one_line(text: str, limit: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

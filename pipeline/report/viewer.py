@@ -247,10 +247,12 @@ def view_run(
     log = log or _print_flushed
     session = start_viewer(run_dir, host=host, port=port)
     stop = stop_event if stop_event is not None else threading.Event()
-    previous_term = None
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    if in_main_thread:
-        previous_term = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # Ctrl-C and SIGTERM set the stop flag. Installed explicitly because a process started in the
+    # background by a non-interactive shell inherits SIGINT as ignored and would never stop on it.
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
     try:
         n = sum(len(o.gaussians) for o in session.objects)
         log(f"Viewer: {session.url}  ({len(session.objects)} objects, {n:,} Gaussians; Ctrl-C stops it)")
@@ -264,6 +266,6 @@ def view_run(
         pass
     finally:
         session.stop()
-        if in_main_thread and previous_term is not None:
-            signal.signal(signal.SIGTERM, previous_term)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         log("Viewer stopped.")

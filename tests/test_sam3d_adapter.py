@@ -551,3 +551,12 @@ def test_injected_fetch_sees_force_only_for_the_corrupt_file(tmp_path):
 
     sam3d.download_checkpoints(tmp_path, "hf", fetch=fetch, remote_files=remote, log=lambda m: None)
     assert calls == [("checkpoints/a.ckpt", False), ("checkpoints/a.ckpt", True), ("checkpoints/pipeline.yaml", False)]
+
+
+@pytest.mark.gpu
+def test_gpu_check_passes_on_a_large_gpu():
+    """On the GPU machine: the real device query and memory check (the model itself is not loaded)."""
+    device = sam3d._require_gpu("auto", 30.0)
+    assert device.startswith("cuda:")
+    free, total = torch.cuda.mem_get_info()
+    assert total >= 30 * 1024**3

@@ -262,7 +262,7 @@ def test_save_png_is_strict_about_dtype_and_atomic(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         save_png(tmp_path / "m.png", np.ones((4, 4, 2), np.uint8))
     assert not any(tmp_path.iterdir())  # nothing half-written
-    gray = (np.arange(12, dtype=np.uint8).reshape(3, 4) * 20)
+    gray = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
     path = save_png(tmp_path / "sub" / "g.png", gray)
     with Image.open(path) as im:
         assert im.mode == "L"

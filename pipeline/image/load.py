@@ -129,7 +129,9 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
     try:
         return _as_array(im.convert("RGB"))  # 1, L, P, YCbCr, RGBX, LAB, HSV ...
     except ValueError as exc:
-        raise InputError(f"Images of Pillow mode {mode!r} are not supported.", "convert the photo to RGB (e.g. PNG or JPEG) first.") from exc
+        raise InputError(
+            f"Images of Pillow mode {mode!r} are not supported.", "convert the photo to RGB (e.g. PNG or JPEG) first."
+        ) from exc
 
 
 def _cmyk_to_rgb(im: Image.Image) -> Image.Image:

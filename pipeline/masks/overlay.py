@@ -21,9 +21,7 @@ def mask_colors(n: int) -> np.ndarray:
     return np.round(np.array(rgb, dtype=np.float64).reshape(n, 3) * 255).astype(np.uint8)
 
 
-def draw_overlay(
-    image: np.ndarray, masks: list[ObjectMask], *, numbered: bool = True, alpha: float = 0.5
-) -> np.ndarray:
+def draw_overlay(image: np.ndarray, masks: list[ObjectMask], *, numbered: bool = True, alpha: float = 0.5) -> np.ndarray:
     """Photo (H, W, 3) uint8 with each mask tinted in its own colour, outlined, and numbered.
 
     The number is the one in the mask's id (obj_007 -> 7) or else its 1-based position. It sits

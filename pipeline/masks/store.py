@@ -63,7 +63,9 @@ def write_masks(
                 "masks must be made from this photo at its full size.",
             )
         if not mask.any():
-            skipped.append({"index": index, "label": str(obj.label), "prompt": str(obj.prompt), "source": str(obj.source), "reason": "empty mask"})
+            skipped.append(
+                {"index": index, "label": str(obj.label), "prompt": str(obj.prompt), "source": str(obj.source), "reason": "empty mask"}
+            )
             continue
         box = _finite_box(obj.box_xyxy) or mask_box_xyxy(mask)
         kept.append(dataclasses.replace(obj, mask=mask, id=object_id(len(kept)), box_xyxy=box))
@@ -133,7 +135,9 @@ def read_masks_document(masks_dir: Path) -> dict[str, Any]:
         raise InputError(f"{path} has no 'objects' list.", fix)
     version = document.get("format_version")
     if not isinstance(version, int) or version > MASKS_FORMAT_VERSION:
-        raise InputError(f"{path} has format_version {version!r}; this version reads up to {MASKS_FORMAT_VERSION}.", "update sam3d-gs or re-run stage 1.")
+        raise InputError(
+            f"{path} has format_version {version!r}; this version reads up to {MASKS_FORMAT_VERSION}.", "update sam3d-gs or re-run stage 1."
+        )
     image = document.get("image")
     if not isinstance(image, dict) or not all(isinstance(image.get(k), int) and image[k] > 0 for k in ("width", "height")):
         raise InputError(f"{path} has no valid image width/height.", fix)
@@ -155,7 +159,10 @@ def read_masks(masks_dir: Path) -> list[ObjectMask]:
         oid = entry.get("id")
         # The id names folders later (objects/<id>/), so only our own counter format is accepted.
         if not isinstance(oid, str) or not OBJECT_ID_RE.match(oid) or oid in seen:
-            raise InputError(f"{path}: object {n + 1} has a missing, duplicate or invalid id {oid!r} (expected obj_001 ...).", "re-run stage 1 to write the masks again.")
+            raise InputError(
+                f"{path}: object {n + 1} has a missing, duplicate or invalid id {oid!r} (expected obj_001 ...).",
+                "re-run stage 1 to write the masks again.",
+            )
         seen.add(oid)
         mask = _read_entry_mask(masks_dir, entry, oid, w, h)
         score = entry.get("score")
@@ -178,7 +185,10 @@ def _read_entry_mask(masks_dir: Path, entry: dict[str, Any], oid: str, w: int, h
     name = entry.get("mask") or f"{oid}.png"
     # Only a plain file name inside masks_dir: a path from JSON must not point elsewhere.
     if not isinstance(name, str) or Path(name).name != name or name.startswith("."):
-        raise InputError(f"{masks_dir / MASKS_JSON}: {oid} names mask file {name!r}, which is not a plain file name.", "re-run stage 1 to write the masks again.")
+        raise InputError(
+            f"{masks_dir / MASKS_JSON}: {oid} names mask file {name!r}, which is not a plain file name.",
+            "re-run stage 1 to write the masks again.",
+        )
     png = masks_dir / name
     if png.is_file():
         try:
@@ -192,12 +202,16 @@ def _read_entry_mask(masks_dir: Path, entry: dict[str, Any], oid: str, w: int, h
         try:
             mask = rle_decode(entry["rle"])
         except ValueError as exc:
-            raise InputError(f"{png} is missing and the RLE of {oid} in masks.json is invalid ({exc}).", "re-run stage 1 to write the masks again.") from exc
+            raise InputError(
+                f"{png} is missing and the RLE of {oid} in masks.json is invalid ({exc}).", "re-run stage 1 to write the masks again."
+            ) from exc
         source = f"{masks_dir / MASKS_JSON} ({oid} rle)"
     else:
         raise InputError(f"Mask of {oid} is missing: no {png} and no 'rle' in masks.json.", "re-run stage 1 to write the masks again.")
     if mask.shape != (h, w):
-        raise InputError(f"Mask {source} is {_wh(mask.shape)} but masks.json says the image is {w}x{h}.", "re-run stage 1 to write the masks again.")
+        raise InputError(
+            f"Mask {source} is {_wh(mask.shape)} but masks.json says the image is {w}x{h}.", "re-run stage 1 to write the masks again."
+        )
     return mask
 
 

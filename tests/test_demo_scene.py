@@ -73,7 +73,7 @@ def test_centres_project_into_their_masks(scene):
 
 def test_deterministic_and_seed_changes_layout(tmp_path):
     a = make_demo_scene(tmp_path / "a")
-    b = make_demo_scene(tmp_path / "b")
+    make_demo_scene(tmp_path / "b")
     c = make_demo_scene(tmp_path / "c", seed=3)
     assert (tmp_path / "a/image.png").read_bytes() == (tmp_path / "b/image.png").read_bytes()
     assert (tmp_path / "a/scene.json").read_text() == (tmp_path / "b/scene.json").read_text()

@@ -87,8 +87,8 @@ class ClassicalSegmenter:
                     boxes.append(_parse_box((*item.box_xyxy, item.phrase)))
         work = self._prepare(image)
         if boxes:
-            return [self._refine_box(work, image, box) for box in boxes]
-        return self._find_objects(work, image)
+            return [self._refine_box(work, box) for box in boxes]
+        return self._find_objects(work)
 
     # ------------------------------------------------------------------------------------------
 
@@ -108,7 +108,7 @@ class ClassicalSegmenter:
         threshold = max(self.min_contrast, _otsu_threshold(distance))
         return _Work(small, lab, distance, threshold, scale, (H, W))
 
-    def _find_objects(self, work: _Work, image: np.ndarray) -> list[ObjectMask]:
+    def _find_objects(self, work: _Work) -> list[ObjectMask]:
         import cv2
 
         h, w = work.distance.shape
@@ -138,7 +138,7 @@ class ClassicalSegmenter:
         results.sort(key=lambda m: -m.area)
         return results
 
-    def _refine_box(self, work: _Work, image: np.ndarray, box: tuple[float, float, float, float, str | None]) -> ObjectMask:
+    def _refine_box(self, work: _Work, box: tuple[float, float, float, float, str | None]) -> ObjectMask:
         import cv2
 
         H, W = work.full_shape

@@ -1,0 +1,97 @@
+"""A stand-in for `vllm serve` (the real one needs a GPU and the weights).
+
+Accepts the flags VLLMServer passes, reads the API key from --api-key or VLLM_API_KEY as vLLM does,
+refuses a taken port, and serves tests/fake_openai_server.py on --host/--port once "loaded".
+Behaviour switches (environment):
+  FAKE_VLLM_START_DELAY   seconds of pretend model loading before the port opens
+  FAKE_VLLM_CRASH_AFTER   exit 1 with a CUDA out-of-memory traceback after this many seconds of loading
+  FAKE_VLLM_IGNORE_TERM   1: ignore SIGTERM (forces the launcher's SIGKILL)
+  FAKE_VLLM_WORKER        1: start a worker process in the same group, like vLLM's engine core
+  FAKE_VLLM_PIDFILE       write "<server pid> <worker pid>" here
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from fake_openai_server import FakeOpenAIServer  # noqa: E402
+
+
+def log(message: str) -> None:
+    print(f"INFO {time.strftime('%m-%d %H:%M:%S')} [fake_vllm] {message}", flush=True)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="vllm")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve")
+    serve.add_argument("model")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None)
+    serve.add_argument("--served-model-name", default=None)
+    serve.add_argument("--max-model-len", type=int)
+    serve.add_argument("--gpu-memory-utilization", type=float)
+    serve.add_argument("--tensor-parallel-size", type=int, default=1)
+    serve.add_argument("--limit-mm-per-prompt", default=None)
+    serve.add_argument("--reasoning-parser", default=None)
+    serve.add_argument("--allowed-local-media-path", default=None)
+    serve.add_argument("--enforce-eager", action="store_true")
+    args = parser.parse_args(argv)
+
+    log(f"argv: {' '.join(argv)}")
+    log(f"api key from: {'argv' if args.api_key else ('env' if os.environ.get('VLLM_API_KEY') else 'none')}")
+    log(f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}")
+    if os.environ.get("FAKE_VLLM_IGNORE_TERM") == "1":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    worker = None
+    if os.environ.get("FAKE_VLLM_WORKER") == "1":
+        worker = subprocess.Popen([sys.executable, "-c", "import time\nwhile True: time.sleep(1)"])
+        log(f"EngineCore worker pid {worker.pid}")
+    if os.environ.get("FAKE_VLLM_PIDFILE"):
+        Path(os.environ["FAKE_VLLM_PIDFILE"]).write_text(f"{os.getpid()} {worker.pid if worker else 0}")
+
+    host = args.host or "0.0.0.0"
+    delay = float(os.environ.get("FAKE_VLLM_START_DELAY", "0"))
+    crash_after = os.environ.get("FAKE_VLLM_CRASH_AFTER")
+    log(f"Loading model weights from {args.model}")
+    start = time.monotonic()
+    while time.monotonic() - start < delay:
+        if crash_after is not None and time.monotonic() - start >= float(crash_after):
+            break
+        time.sleep(0.05)
+    if crash_after is not None:
+        time.sleep(max(0.0, float(crash_after) - (time.monotonic() - start)))
+        print("Traceback (most recent call last):", flush=True)
+        print('  File "vllm/worker/gpu_worker.py", line 201, in determine_available_memory', flush=True)
+        print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB", flush=True)
+        return 1
+
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        probe.bind((host, args.port))
+    except OSError as exc:
+        print(f"ERROR [fake_vllm] [Errno {exc.errno}] error while attempting to bind on address ({host!r}, {args.port}): address already in use", flush=True)
+        return 1
+    finally:
+        probe.close()
+    server = FakeOpenAIServer(api_key=args.api_key or os.environ.get("VLLM_API_KEY"), model=args.served_model_name or args.model, host=host, port=args.port)
+    log(f"Uvicorn running on http://{host}:{args.port} (Press CTRL+C to quit)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -167,7 +167,15 @@ class _Handler(BaseHTTPRequestHandler):
                 {
                     "object": "list",
                     "data": [
-                        {"id": self.owner.model, "object": "model", "created": int(time.time()), "owned_by": "vllm", "root": self.owner.model, "parent": None, "max_model_len": 16384}
+                        {
+                            "id": self.owner.model,
+                            "object": "model",
+                            "created": int(time.time()),
+                            "owned_by": "vllm",
+                            "root": self.owner.model,
+                            "parent": None,
+                            "max_model_len": 16384,
+                        }
                     ],
                 },
             )

@@ -80,11 +80,16 @@ def main(argv: list[str]) -> int:
     try:
         probe.bind((host, args.port))
     except OSError as exc:
-        print(f"ERROR [fake_vllm] [Errno {exc.errno}] error while attempting to bind on address ({host!r}, {args.port}): address already in use", flush=True)
+        print(
+            f"ERROR [fake_vllm] [Errno {exc.errno}] error while attempting to bind on address ({host!r}, {args.port}): address already in use",
+            flush=True,
+        )
         return 1
     finally:
         probe.close()
-    server = FakeOpenAIServer(api_key=args.api_key or os.environ.get("VLLM_API_KEY"), model=args.served_model_name or args.model, host=host, port=args.port)
+    server = FakeOpenAIServer(
+        api_key=args.api_key or os.environ.get("VLLM_API_KEY"), model=args.served_model_name or args.model, host=host, port=args.port
+    )
     log(f"Uvicorn running on http://{host}:{args.port} (Press CTRL+C to quit)")
     try:
         server.serve_forever()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.core.types import PlanItem
 from pipeline.plan.parse import (
     grid_box_to_pixels,
     merge_near_duplicates,
@@ -18,7 +19,6 @@ from pipeline.plan.parse import (
     sanitize_phrase,
     strip_reasoning,
 )
-from pipeline.core.types import PlanItem
 
 FIXTURES = Path(__file__).parent / "fixtures" / "vlm_responses"
 SIZE = (800, 600)  # (W, H)
@@ -161,7 +161,7 @@ def test_hundreds_of_phrases_capped_fast() -> None:
 
 
 def test_empty_and_garbage_are_told_apart() -> None:
-    empty = parse_plan_details("I looked.\n```json\n{\"objects\": []}\n```", None, image_size=SIZE, max_objects=5)
+    empty = parse_plan_details('I looked.\n```json\n{"objects": []}\n```', None, image_size=SIZE, max_objects=5)
     garbage = parse_plan_details("The picture is nice.", None, image_size=SIZE, max_objects=5)
     assert empty.items == [] and empty.answer_format == "fenced_json"
     assert garbage.items == [] and garbage.answer_format == "none"

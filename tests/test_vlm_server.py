@@ -21,7 +21,7 @@ import pytest
 
 from pipeline.core.config import PlannerConfig, VLMServerConfig
 from pipeline.core.errors import BackendError, InputError
-from pipeline.plan.server import ServerStartError, VLLMServer, pick_free_port, resolve_model, serve_vlm_main
+from pipeline.plan.server import ServerStartError, VLLMServer, pick_free_port, resolve_model
 from pipeline.plan.vlm import VLMPlanner
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and /proc checks")

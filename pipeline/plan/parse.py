@@ -40,7 +40,7 @@ BOX_KEYS = ("bbox_2d", "bbox", "box", "box_2d")
 
 _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 _PROMPT_LIST = re.compile(r"<prompt_list>(.*?)(?:</prompt_list>|$)", re.DOTALL | re.IGNORECASE)
-_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_-]*)[ \t]*\n?(.*?)(?:```|$)", re.DOTALL)
+FENCE_RE = re.compile(r"```[ \t]*([A-Za-z0-9_-]*)[ \t]*\n?(.*?)(?:```|$)", re.DOTALL)
 _FLAT_OBJECT = re.compile(r"\{[^{}\[\]]*(?:\[[^\[\]{}]*\][^{}\[\]]*)*\}")
 _BULLET_LINE = re.compile(r"^\s*(?:[-*\u2022\u00b7+]|\d{1,3}[.)]|\(\d{1,3}\))\s+(.+?)\s*$")
 _LEADING_BULLET = re.compile(r"^(?:[-*\u2022\u00b7+#>]+|\d{1,3}[.)]|\(\d{1,3}\))\s*")
@@ -76,9 +76,7 @@ def parse_plan_text(
     return parsed.items, parsed.warnings
 
 
-def parse_plan_details(
-    content: str | None, reasoning: str | None = None, *, image_size: tuple[int, int], max_objects: int
-) -> ParsedPlan:
+def parse_plan_details(content: str | None, reasoning: str | None = None, *, image_size: tuple[int, int], max_objects: int) -> ParsedPlan:
     """Like `parse_plan_text`, also reporting the answer format and the raw entry count."""
     result = ParsedPlan()
     answer = strip_reasoning(content or "")
@@ -143,7 +141,7 @@ def extract_entries(text: str, warnings: list[str], *, structured_only: bool = F
         if entries:
             return entries, "prompt_list"
         empty_format = "prompt_list"
-    for _lang, body in _FENCE.findall(text):
+    for _lang, body in FENCE_RE.findall(text):
         entries = _literal_list(body)
         if entries:
             return entries, "fenced_json"
@@ -173,7 +171,7 @@ def extract_entries(text: str, warnings: list[str], *, structured_only: bool = F
     return [], "none"
 
 
-def _json_or_none(text: str) -> Any:
+def json_or_none(text: str) -> Any:
     try:
         return json.loads(text)
     except (ValueError, RecursionError):
@@ -181,7 +179,7 @@ def _json_or_none(text: str) -> Any:
 
 
 def _dict_or_none(text: str) -> dict[str, Any] | None:
-    value = _json_or_none(text)
+    value = json_or_none(text)
     if value is None:
         try:
             value = ast.literal_eval(text)
@@ -193,16 +191,16 @@ def _dict_or_none(text: str) -> dict[str, Any] | None:
 def _literal_list(text: str) -> list[Any] | None:
     """JSON first, then a Python literal; None when neither gives a list of entries."""
     text = text.strip()
-    value = _json_or_none(text)
+    value = json_or_none(text)
     if value is None:
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             value = None
-    return _entries_of(value) if value is not None else None
+    return entries_of(value) if value is not None else None
 
 
-def _entries_of(value: Any) -> list[Any] | None:
+def entries_of(value: Any) -> list[Any] | None:
     """`{"objects": [...]}` (any list-valued key), a bare list, a tuple, or one object with a phrase."""
     if isinstance(value, (list, tuple)):
         return list(value)
@@ -233,7 +231,7 @@ def _first_embedded_json(text: str, *, last: bool = False) -> list[Any] | None:
             continue
         if isinstance(value, dict) and any(isinstance(value.get(k), str) for k in PHRASE_KEYS):
             continue
-        entries = _entries_of(value)
+        entries = entries_of(value)
         if entries is None:
             continue
         if not entries:

@@ -55,7 +55,9 @@ def resolve_model(model_id: str, models_dir: Path | None = None, *, endpoint: st
     local = Path(model_id).expanduser()
     if local.is_dir():
         if not (local / "config.json").exists():
-            raise InputError(f"The model folder {local} has no config.json.", "point --vlm-model-id at a downloaded model folder or a Hugging Face id.")
+            raise InputError(
+                f"The model folder {local} has no config.json.", "point --vlm-model-id at a downloaded model folder or a Hugging Face id."
+            )
         return local.resolve()
     if model_id.startswith((".", "/", "~")) or model_id.count("/") != 1:
         raise InputError(
@@ -97,9 +99,13 @@ def resolve_model(model_id: str, models_dir: Path | None = None, *, endpoint: st
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if status in (401, 403):
             raise BackendError(f"Hugging Face refused the download of {model_id} (HTTP {status}).", licence_fix) from exc
-        raise BackendError(f"Downloading {model_id} failed ({' '.join(str(exc).split())[:160]}).", "run again: the download resumes where it stopped.") from exc
+        raise BackendError(
+            f"Downloading {model_id} failed ({' '.join(str(exc).split())[:160]}).", "run again: the download resumes where it stopped."
+        ) from exc
     except OSError as exc:
-        raise BackendError(f"Downloading {model_id} failed ({exc}).", "check free disk space and --models-dir, then run again (it resumes).") from exc
+        raise BackendError(
+            f"Downloading {model_id} failed ({exc}).", "check free disk space and --models-dir, then run again (it resumes)."
+        ) from exc
     return Path(path)
 
 
@@ -170,25 +176,37 @@ class VLLMServer:
         """The `vllm serve` command line (the API key travels in the environment instead)."""
         cfg = self.cfg
         args = [
-            cfg.vllm_command, "serve", str(model_path),
-            "--host", HOST,
-            "--port", str(self.port),
-            "--served-model-name", self.model_name,
-            "--max-model-len", str(cfg.max_model_len),
-            "--gpu-memory-utilization", str(cfg.gpu_memory_utilization),
-            "--tensor-parallel-size", str(cfg.tensor_parallel_size),
+            cfg.vllm_command,
+            "serve",
+            str(model_path),
+            "--host",
+            HOST,
+            "--port",
+            str(self.port),
+            "--served-model-name",
+            self.model_name,
+            "--max-model-len",
+            str(cfg.max_model_len),
+            "--gpu-memory-utilization",
+            str(cfg.gpu_memory_utilization),
+            "--tensor-parallel-size",
+            str(cfg.tensor_parallel_size),
         ]
         if cfg.limit_mm_per_prompt:
             try:
                 json.loads(cfg.limit_mm_per_prompt)
             except ValueError as exc:
-                raise InputError(f"--limit-mm-per-prompt is not JSON: {cfg.limit_mm_per_prompt!r}.", 'write it like \'{"image": 1, "video": 0}\'.') from exc
+                raise InputError(
+                    f"--limit-mm-per-prompt is not JSON: {cfg.limit_mm_per_prompt!r}.", 'write it like \'{"image": 1, "video": 0}\'.'
+                ) from exc
             args += ["--limit-mm-per-prompt", cfg.limit_mm_per_prompt]
         if cfg.reasoning_parser:
             args += ["--reasoning-parser", cfg.reasoning_parser]
         extra = list(cfg.vllm_arg or [])
         if any(a.split("=", 1)[0] == "--allowed-local-media-path" for a in extra):
-            raise InputError("--allowed-local-media-path would give the VLM server read access to files.", "drop it: images are sent inline.")
+            raise InputError(
+                "--allowed-local-media-path would give the VLM server read access to files.", "drop it: images are sent inline."
+            )
         return args + extra
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -322,8 +340,7 @@ class VLLMServer:
     def __exit__(self, *exc: object) -> None:
         if self.cfg.keep_server and self.alive():
             print(
-                f"[serve-vlm] leaving vLLM running (--keep-server): pid {self.pid}, {self.url}; "
-                f"stop it with: kill -TERM -- -{self.pid}",
+                f"[serve-vlm] leaving vLLM running (--keep-server): pid {self.pid}, {self.url}; stop it with: kill -TERM -- -{self.pid}",
                 file=sys.stderr,
             )
             return
@@ -340,10 +357,7 @@ def serve_vlm_main(cfg: VLMServerConfig, run_log_dir: Path, *, served_model_name
     server = VLLMServer(cfg, log_path, served_model_name=served_model_name)
     with server:
         print(f"vLLM is serving '{server.model_name}' at {server.url} (log: {log_path})")
-        print(
-            f"export SAM3DGS_VLM_URL={server.url} SAM3DGS_VLM_API_KEY={server.api_key} "
-            f"SAM3DGS_VLM_MODEL={server.model_name}"
-        )
+        print(f"export SAM3DGS_VLM_URL={server.url} SAM3DGS_VLM_API_KEY={server.api_key} SAM3DGS_VLM_MODEL={server.model_name}")
         sys.stdout.flush()
         if cfg.keep_server:
             print(f"stop it with: kill -TERM -- -{server.pid}")

@@ -35,10 +35,10 @@ from pipeline.core.config import PlannerConfig
 from pipeline.core.errors import BackendError, InputError, missing_dependency
 from pipeline.core.types import ObjectMask, Plan, PlanItem
 from pipeline.plan.parse import (
+    FENCE_RE,
     ParsedPlan,
-    _entries_of,
-    _FENCE,
-    _json_or_none,
+    entries_of,
+    json_or_none,
     parse_plan_details,
     reasoning_from_text,
     strip_reasoning,
@@ -155,13 +155,11 @@ class VLMPlanner:
                 "pass --vlm-url http://HOST:PORT/v1 (or env SAM3DGS_VLM_URL), or let the pipeline start vLLM.",
             )
         self.url = normalize_base_url(raw_url)
-        self.api_key = (
-            api_key or cfg.vlm_api_key or os.environ.get("SAM3DGS_VLM_API_KEY") or os.environ.get("OPENAI_API_KEY") or "EMPTY"
-        )
+        self.api_key = api_key or cfg.vlm_api_key or os.environ.get("SAM3DGS_VLM_API_KEY") or os.environ.get("OPENAI_API_KEY") or "EMPTY"
         self.model = model or cfg.vlm_model
         self.seed = seed
         self.retry_delays = tuple(retry_delays)
-        self.structured_output = bool(getattr(cfg, "vlm_structured_output", True))
+        self.structured_output = cfg.vlm_structured_output
         self.last_request: dict[str, Any] = {}
         self.last_verification: dict[str, Any] | None = None
         self._client: Any = None
@@ -189,9 +187,7 @@ class VLMPlanner:
         )
         warnings = answer.warnings + parsed.warnings
         if answer.finish_reason == "length":
-            warnings.append(
-                f"the answer was cut off at {self.cfg.vlm_max_tokens} tokens (finish_reason=length); raise --vlm-max-tokens"
-            )
+            warnings.append(f"the answer was cut off at {self.cfg.vlm_max_tokens} tokens (finish_reason=length); raise --vlm-max-tokens")
         plan = Plan(
             items=parsed.items,
             mode=mode,  # type: ignore[arg-type]
@@ -292,9 +288,7 @@ class VLMPlanner:
         if self._client is None:
             openai = self._openai()
             # Retries are ours (bounded, 5xx/connection only), so the client's own are off.
-            self._client = openai.OpenAI(
-                base_url=self.url, api_key=self.api_key, timeout=self.cfg.vlm_timeout, max_retries=0
-            )
+            self._client = openai.OpenAI(base_url=self.url, api_key=self.api_key, timeout=self.cfg.vlm_timeout, max_retries=0)
         return self._client
 
     def _chat(self, messages: list[dict[str, Any]], *, schema: dict[str, Any], schema_name: str) -> ChatAnswer:
@@ -332,8 +326,7 @@ class VLMPlanner:
                     time.sleep(self.retry_delays[failures - 1])
                     continue
                 raise BackendError(
-                    f"Cannot reach the VLM server at {display_url(self.url)} after {attempts} tries "
-                    f"({_connection_reason(exc)}).",
+                    f"Cannot reach the VLM server at {display_url(self.url)} after {attempts} tries ({_connection_reason(exc)}).",
                     "start it with `python -m pipeline serve-vlm` (or run_agent_with_vllm.sh), or fix --vlm-url / "
                     "SAM3DGS_VLM_URL; if it was running, its log says why it stopped.",
                 ) from exc
@@ -344,8 +337,7 @@ class VLMPlanner:
                     use_schema = False
                     self.structured_output = False
                     warnings.append(
-                        f"the server rejected structured output (HTTP {status}: {_server_message(exc, 120)}); "
-                        "asked again for plain JSON"
+                        f"the server rejected structured output (HTTP {status}: {_server_message(exc, 120)}); asked again for plain JSON"
                     )
                     continue
                 if status >= 500:
@@ -396,8 +388,7 @@ class VLMPlanner:
         if status == 401:
             return BackendError(
                 f"The VLM server at {where} refused the API key (HTTP 401: {detail}).",
-                "pass the server's key with --vlm-api-key or env SAM3DGS_VLM_API_KEY (a server started by "
-                "serve-vlm prints it).",
+                "pass the server's key with --vlm-api-key or env SAM3DGS_VLM_API_KEY (a server started by serve-vlm prints it).",
             )
         if status == 403:
             return BackendError(
@@ -419,8 +410,7 @@ class VLMPlanner:
         if status >= 500:
             return BackendError(
                 f"The VLM server at {where} failed with HTTP {status} after {attempts} tries ({detail}).",
-                "check the server's log (logs/vllm.log for a server the pipeline started), e.g. for GPU memory; "
-                "then run again.",
+                "check the server's log (logs/vllm.log for a server the pipeline started), e.g. for GPU memory; then run again.",
             )
         return BackendError(
             f"The VLM server at {where} rejected the request (HTTP {status}: {detail}).",
@@ -477,8 +467,18 @@ def encode_image_data_url(image: np.ndarray, max_side: int, *, quality: int = 90
 
 _PALETTE = np.array(
     [
-        (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
-        (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40), (128, 0, 0),
+        (230, 25, 75),
+        (60, 180, 75),
+        (0, 130, 200),
+        (245, 130, 48),
+        (145, 30, 180),
+        (70, 240, 240),
+        (240, 50, 230),
+        (210, 245, 60),
+        (250, 190, 212),
+        (0, 128, 128),
+        (170, 110, 40),
+        (128, 0, 0),
     ],
     dtype=np.float32,
 )
@@ -557,19 +557,19 @@ def parse_verify_answer(content: str | None, reasoning: str | None, count: int) 
     warnings: list[str] = []
     answer = strip_reasoning(content or "")
     values: list[Any] | None = None
-    candidates_text = [answer] + [body for _lang, body in _FENCE.findall(answer)]
+    candidates_text = [answer] + [body for _lang, body in FENCE_RE.findall(answer)]
     for text in candidates_text:
-        value = _json_or_none(text.strip())
+        value = json_or_none(text.strip())
         if value is None:
             match = re.search(r"\{[^{}]*\}|\[[^\[\]]*\]", text)
-            value = _json_or_none(match.group(0)) if match else None
+            value = json_or_none(match.group(0)) if match else None
         if isinstance(value, dict):
             for key in ("matches", "numbers", "ids", "indices", "candidates", "selected"):
                 if isinstance(value.get(key), list):
                     values = value[key]
                     break
             else:
-                values = _entries_of(value)
+                values = entries_of(value)
         elif isinstance(value, list):
             values = value
         if values is not None:
@@ -609,10 +609,7 @@ def plan_record(plan: Plan, request_meta: dict[str, Any] | None = None, *, verif
         "model": plan.model,
         "mode": plan.mode,
         "query": plan.query,
-        "items": [
-            {"phrase": item.phrase, "box_xyxy": list(item.box_xyxy) if item.box_xyxy is not None else None}
-            for item in plan.items
-        ],
+        "items": [{"phrase": item.phrase, "box_xyxy": list(item.box_xyxy) if item.box_xyxy is not None else None} for item in plan.items],
         "warnings": list(plan.warnings),
         "raw_response": plan.raw_response,
         "reasoning": plan.reasoning,
@@ -658,7 +655,9 @@ def _message_reasoning(message: Any) -> str:
 def _check_image(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] < 3 or image.shape[0] == 0 or image.shape[1] == 0:
-        raise InputError(f"The planner needs an RGB image of shape (H, W, 3), got {image.shape}.", "pass the photo as loaded by the pipeline.")
+        raise InputError(
+            f"The planner needs an RGB image of shape (H, W, 3), got {image.shape}.", "pass the photo as loaded by the pipeline."
+        )
     if image.dtype != np.uint8:
         raise InputError(f"The planner needs a uint8 image, got {image.dtype}.", "pass the photo as loaded by the pipeline.")
     return image

@@ -317,6 +317,7 @@ def test_plan_record_round_trip(photo: np.ndarray, tmp_path) -> None:
     loaded = json.loads(text)
     assert loaded["format_version"] == 1 and loaded["planner"] == "vlm" and loaded["mode"] == "scene"
     assert loaded["request"]["answer_format"] == "json" and loaded["timing"]["seconds"] >= 0
+    assert loaded["request"]["max_tokens"] == 8192 and "api_key" not in loaded["request"]
     assert len(loaded["warnings"]) == 5 and loaded["items"][0]["box_xyxy"] is None
     back = plan_from_record(loaded)
     assert back.items == plan.items and back.warnings == plan.warnings and back.raw_response == plan.raw_response

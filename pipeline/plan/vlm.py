@@ -638,7 +638,9 @@ def plan_from_record(record: dict[str, Any]) -> Plan:
 
 def _is_secret_key(name: str) -> bool:
     lowered = name.lower()
-    return any(word in lowered for word in ("key", "token", "secret", "password"))
+    return lowered in ("key", "token", "secret", "password", "authorization") or lowered.endswith(
+        ("_key", "_token", "_secret", "_password")
+    )
 
 
 def _message_reasoning(message: Any) -> str:

@@ -182,7 +182,7 @@ class Stage1:
         from pipeline.masks.store import write_masks
 
         seg_report = getattr(self._segmenter, "last_report", None)
-        written = write_masks(paths.masks_dir, image, masks, meta={"input_key": key, "segmenter": self.choice.segmenter, "planner": self.choice.planner, "segmenter_report": seg_report})
+        written = write_masks(paths.masks_dir, image, masks, image_sha256=sha, meta={"input_key": key, "segmenter": self.choice.segmenter, "planner": self.choice.planner, "segmenter_report": seg_report})
         timings["stage1_total"] = time.perf_counter() - t0
         manifest.update(
             timings={f"stage1.{k}": round(v, 4) for k, v in timings.items()},
@@ -222,23 +222,21 @@ class Stage2:
                 self._lifter = InflateLifter(n_gaussians=self.cfg.lifter.inflate_gaussians)
         return self._lifter
 
-    def load_masks(self, paths: RunPaths, image: np.ndarray, masks_path: Path | None) -> list[ObjectMask]:
+    def load_masks(self, paths: RunPaths, image: np.ndarray, image_sha: str, image_path: Path, masks_path: Path | None) -> list[ObjectMask]:
         from pipeline.masks.layouts import find_masks
         from pipeline.masks.store import write_masks
 
         h, w = image.shape[:2]
         source = Path(masks_path) if masks_path else paths.root
-        mask_set = find_masks(source, (w, h))
+        mask_set = find_masks(source, (w, h), exclude=[image_path])
         if mask_set.skipped:
             for s in mask_set.skipped:
                 self.log(f"stage 2: skipped {s['file']}: {s['reason']}")
-        if not mask_set.masks:
-            raise InputError(f"no usable masks in {source} (all {len(mask_set.skipped)} were empty).", "give a folder with non-empty masks.")
         ours = paths.masks_json.exists() and source.resolve() in (paths.root.resolve(), paths.masks_dir.resolve())
         if ours:
             return mask_set.masks
         # Foreign masks are copied into this run's masks/ so the run folder stands on its own.
-        written = write_masks(paths.masks_dir, image, mask_set.masks, meta={"imported_from": str(source), "layout": mask_set.layout, "sources": mask_set.sources, "skipped": mask_set.skipped})
+        written = write_masks(paths.masks_dir, image, mask_set.masks, image_sha256=image_sha, meta={"imported_from": str(source), "layout": mask_set.layout, "sources": mask_set.sources, "skipped": mask_set.skipped})
         Manifest(paths).update(inputs={"masks": {"path": str(source), "layout": mask_set.layout, "skipped": mask_set.skipped}})
         return written
 
@@ -255,7 +253,7 @@ class Stage2:
                 raise InputError(f"{paths.root} has no input/image.png and no --image was given.", "pass --image PHOTO.")
             image_path = paths.input_image
         image, sha = prepare_input(paths, Path(image_path))
-        masks = self.load_masks(paths, image, masks_path)
+        masks = self.load_masks(paths, image, sha, Path(image_path), masks_path)
         manifest.update(
             inputs={"image": {"path": str(image_path), "sha256": sha, "width": image.shape[1], "height": image.shape[0]}},
             config=self.cfg.record(),

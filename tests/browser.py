@@ -22,8 +22,6 @@ from PIL import Image
 
 APT_INSTALL = ["apt-get", "install", "-y", "--no-install-recommends", "chromium", "chromium-driver"]
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-UPDATE_DOCS_ENV = "SAM3DGS_UPDATE_SCREENSHOTS"
-"""Set to 1 to refresh docs/report.png and docs/viewer.png from the tests."""
 
 CHROMIUM_FLAGS = [
     "--headless",
@@ -122,10 +120,3 @@ def colour_pixels(img: np.ndarray, colour: str) -> int:
     else:
         sel = (b > 150) & (r < 110) & (g < 140)
     return int(sel.sum())
-
-
-def keep_for_docs(img: np.ndarray, name: str) -> None:
-    """Refresh docs/<name> when asked to (the tests do not touch docs/ otherwise)."""
-    if os.environ.get(UPDATE_DOCS_ENV) == "1":
-        DOCS.mkdir(exist_ok=True)
-        Image.fromarray(img).save(DOCS / name, optimize=True)

@@ -61,7 +61,6 @@ def make_run(run_dir: Path, *, n_gaussians: int = 600) -> RunPaths:
 
     paths = RunPaths(run_dir)
     photo = Image.new("RGB", (W, H), (235, 232, 225))
-    draw = ImageDraw.Draw(photo)
     masks = []
     for oid, label, color, box, _ in OBJECTS:
         m_im = Image.new("L", (W, H), 0)
@@ -132,10 +131,20 @@ def make_run(run_dir: Path, *, n_gaussians: int = 600) -> RunPaths:
             save_object_pt(paths.object_dir(oid) / "gaussians.pt", ObjectGaussians(g, Pose(translation=t, scale=[0.4] * 3), "test"))
             frames = _turntable(color)
             frames[0].save(paths.object_dir(oid) / "turntable.gif", save_all=True, append_images=frames[1:], duration=80, loop=0)
-            manifest.set_object(oid, label=label, score=0.8, area=int(m.sum()), n_gaussians=n_gaussians, status="done", error=None, seconds=0.5 + i)
+            manifest.set_object(
+                oid, label=label, score=0.8, area=int(m.sum()), n_gaussians=n_gaussians, status="done", error=None, seconds=0.5 + i
+            )
         else:
-            manifest.set_object(oid, label=label, score=0.6, area=int(m.sum()), n_gaussians=None, status="failed",
-                                error="lifter failed: <mask too small> & empty", seconds=0.1)
+            manifest.set_object(
+                oid,
+                label=label,
+                score=0.6,
+                area=int(m.sum()),
+                n_gaussians=None,
+                status="failed",
+                error="lifter failed: <mask too small> & empty",
+                seconds=0.1,
+            )
     paths.scene_dir.mkdir(parents=True, exist_ok=True)
     frames = _turntable((200, 120, 40))
     frames[0].save(paths.scene_dir / "scene.gif", save_all=True, append_images=frames[1:], duration=80, loop=0)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from browser import assert_not_blank, chromium_driver, colour_pixels, keep_for_docs, screenshot
+import pytest
+from browser import assert_not_blank, chromium_driver, colour_pixels, screenshot
 from report_fixture import make_run
 
 from pipeline.report.html import write_index, write_report
+
+pytestmark = pytest.mark.browser
 
 ALL_IMAGES_LOADED_JS = """
 const imgs = Array.from(document.images);
@@ -38,7 +41,6 @@ def test_report_renders_every_object_offline(tmp_path: Path) -> None:
         img = screenshot(driver)
         assert_not_blank(img)
         assert colour_pixels(img, "red") > 200 and colour_pixels(img, "green") > 200
-        keep_for_docs(img, "report.png")
 
         images = driver.execute_script(ALL_IMAGES_LOADED_JS)
         assert images, "no images on the page"

@@ -22,7 +22,7 @@ from pipeline.report.html import load_run_view, ply_vertex_count, write_index, w
 
 def _data_images(page: str) -> list[Image.Image]:
     out = []
-    for mime, payload in re.findall(r'src="data:(image/[a-z]+);base64,([A-Za-z0-9+/=]+)"', page):
+    for _mime, payload in re.findall(r'src="data:(image/[a-z]+);base64,([A-Za-z0-9+/=]+)"', page):
         out.append(Image.open(io.BytesIO(base64.b64decode(payload))))
     return out
 
@@ -187,3 +187,19 @@ def test_viewer_serves_toggles_and_stops_on_event(tmp_path: Path) -> None:
     thread.join(timeout=15)
     assert not thread.is_alive()
     assert lines[0].startswith("Viewer: http://127.0.0.1:") and lines[-1] == "Viewer stopped."
+
+
+def test_large_gif_is_reencoded_smaller_and_stays_animated(tmp_path: Path) -> None:
+    from pipeline.report.html import gif_data_uri
+
+    rng = np.random.default_rng(1)
+    frames = [Image.fromarray(rng.integers(0, 255, (300, 300, 3), dtype=np.uint8)) for _ in range(6)]
+    path = tmp_path / "big.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=80, loop=0)
+    size = path.stat().st_size
+    uri = gif_data_uri(path, max_bytes=size // 4)
+    assert uri is not None and uri.startswith("data:image/gif;base64,")
+    data = base64.b64decode(uri.split(",", 1)[1])
+    assert len(data) < size / 2
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.n_frames == 6 and max(im.size) < 300

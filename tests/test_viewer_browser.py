@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-from browser import assert_not_blank, chromium_driver, colour_pixels, keep_for_docs, screenshot
+from browser import assert_not_blank, chromium_driver, colour_pixels, screenshot
 from report_fixture import DONE, make_run
 
+pytestmark = pytest.mark.browser
 pytest.importorskip("viser", reason="viser is not installed (pip install viser)")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +87,6 @@ def test_viewer_shows_every_object_and_stops_on_ctrl_c(tmp_path: Path) -> None:
                 "red and green objects on screen",
             )
             assert_not_blank(img)
-            keep_for_docs(img, "viewer.png")
 
             # Hide the frustum: what is left of red and green is the splats alone.
             driver.execute_script(CLICK_TOGGLE_JS, "Camera frustum")

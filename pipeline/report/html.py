@@ -30,8 +30,11 @@ PHOTO_MAX_SIDE = 1280
 THUMB_MAX_SIDE = 240
 CUTOUT_MAX_SIDE = 160
 GIF_EMBED_MAX_BYTES = 4 << 20
-"""GIFs above this are re-encoded at GIF_REENCODE_SIDE before embedding."""
+"""A GIF above this (or above its share of GIF_TOTAL_BUDGET_BYTES) is re-encoded smaller before embedding."""
+GIF_TOTAL_BUDGET_BYTES = 12 << 20
+"""What all object turntables together may add to a report; keeps a 15-object report mailable."""
 GIF_REENCODE_SIDE = 256
+GIF_MIN_SIDE = 96
 TEXT_MAX_CHARS = 200_000
 """Model answers longer than this are cut in the report (the full text stays in plan.json)."""
 
@@ -177,7 +180,7 @@ def _merge_objects(paths: RunPaths, manifest: dict[str, Any], masks: dict[str, A
         if isinstance(mask_name, str) and Path(mask_name).name == mask_name and not mask_name.startswith("."):
             row.mask_file = mask_name
     manifest_objects = manifest.get("objects", {})
-    for oid, info in (manifest_objects.items() if isinstance(manifest_objects, dict) else []):
+    for oid, info in manifest_objects.items() if isinstance(manifest_objects, dict) else []:
         if not isinstance(info, dict):
             continue
         row = rows.setdefault(str(oid), ObjectRow(str(oid)))
@@ -229,20 +232,22 @@ def image_data_uri(path: Path, max_side: int = PHOTO_MAX_SIDE, *, quality: int =
         return None
 
 
-def gif_data_uri(path: Path) -> str | None:
-    """An animated GIF embedded as is, or re-encoded smaller when it is large."""
+def gif_data_uri(path: Path, max_bytes: int = GIF_EMBED_MAX_BYTES) -> str | None:
+    """An animated GIF embedded as is, or re-encoded at a smaller size when it exceeds `max_bytes`."""
     try:
         data = path.read_bytes()
-        if len(data) <= GIF_EMBED_MAX_BYTES:
+        if len(data) <= max_bytes:
             with Image.open(io.BytesIO(data)) as im:
                 im.verify()  # a truncated GIF would show as a broken image
             return _data_uri(data, "image/gif")
         with Image.open(path) as im:
             duration = im.info.get("duration", 80)
+            # Bytes grow with the pixel count: shrink the side by the square root of the excess.
+            side = int(max(GIF_MIN_SIDE, min(GIF_REENCODE_SIDE, max(im.size) * (max_bytes / len(data)) ** 0.5)))
             frames = []
             for frame in ImageSequence.Iterator(im):
                 f = frame.convert("RGB")
-                f.thumbnail((GIF_REENCODE_SIDE, GIF_REENCODE_SIDE), Image.Resampling.LANCZOS)
+                f.thumbnail((side, side), Image.Resampling.LANCZOS)
                 frames.append(f)
         buf = io.BytesIO()
         frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=duration, loop=0)
@@ -335,7 +340,7 @@ section { background:var(--card); border:1px solid var(--line); border-radius:8p
 h2 { font-size:17px; margin:0 0 10px; }
 .pair { display:flex; flex-wrap:wrap; gap:16px; }
 .pair figure { flex:1 1 300px; margin:0; min-width:0; }
-.pair figure img { width:100%; }
+.pair figure img { width:100%; max-height:420px; object-fit:contain; }
 figure img { max-width:100%; height:auto; display:block; border:1px solid var(--line); border-radius:4px; background:#eee; }
 figcaption { color:var(--muted); font-size:13px; margin-top:4px; }
 table { border-collapse:collapse; width:100%; font-size:14px; }
@@ -371,10 +376,10 @@ a { color:#1f5fbf; }
 
 def _page(title: str, header: str, body: str) -> str:
     return (
-        "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        '<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         # No network: everything is inline; the policy makes an accidental external URL fail loudly.
-        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
+        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; img-src data:; '
         "style-src 'unsafe-inline'\">\n"
         f"<title>{_e(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
         f"{header}\n<main>\n{body}\n</main>\n</body>\n</html>\n"
@@ -447,9 +452,11 @@ def _section_cards(run: RunView) -> str:
         return ""
     cards = []
     photo = run.paths.input_image
+    n_gifs = sum(1 for row in run.objects if "turntable.gif" in row.files)
+    gif_budget = min(GIF_EMBED_MAX_BYTES, GIF_TOTAL_BUDGET_BYTES // max(n_gifs, 1))
     for i, row in enumerate(run.objects, start=1):
         gif = row.files.get("turntable.gif")
-        uri = gif_data_uri(gif) if gif else None
+        uri = gif_data_uri(gif, gif_budget) if gif else None
         if uri:
             media = f'<img class="turntable" alt="turntable of {_e(row.id)}" src="{uri}">'
         else:
@@ -486,8 +493,6 @@ def _section_timings(run: RunView) -> str:
         f'<td style="width:60%"><div class="bar" style="width:{100.0 * v / longest:.1f}%"></div></td></tr>'
         for k, v in items
     )
-    total = sum(v for _, v in items)
-    rows += f'<tr><th>total</th><td class="num">{_fmt_seconds(total)}</td><td></td></tr>'
     return f'<section id="timings"><h2>Stage timings</h2><table class="kv">{rows}</table></section>'
 
 
@@ -537,7 +542,7 @@ def _section_planner(run: RunView) -> str:
         parts.append('<p class="missing">The plan has no items.</p>')
     warnings = plan.get("warnings")
     if isinstance(warnings, list) and warnings:
-        parts.append("<p>Warnings:</p><ul class=\"missing-list\">" + "".join(f"<li>{_e(w)}</li>" for w in warnings) + "</ul>")
+        parts.append('<p>Warnings:</p><ul class="missing-list">' + "".join(f"<li>{_e(w)}</li>" for w in warnings) + "</ul>")
     for key, title in (("reasoning", "Reasoning"), ("raw_response", "Raw answer")):
         text = plan.get(key)
         if isinstance(text, str) and text.strip():
@@ -674,11 +679,9 @@ def write_index(root: Path, *, build_missing_reports: bool = True) -> Path:
             f'<a class="run" href="{href}" data-objects="{len(view.objects)}">{img}'
             f'<div class="name">{_e(run_dir.name)}</div>'
             f'<div class="sub"><span class="count">{len(view.objects)}</span> object(s): {n_done} done'
-            f'{f", {n_failed} failed" if n_failed else ""}</div>'
+            f"{f', {n_failed} failed' if n_failed else ''}</div>"
             f'<div class="sub">{_e(created)}</div></a>'
         )
-    body = (
-        f'<div class="runs">{"".join(tiles)}</div>' if tiles else '<p class="missing">No runs in this folder.</p>'
-    )
+    body = f'<div class="runs">{"".join(tiles)}</div>' if tiles else '<p class="missing">No runs in this folder.</p>'
     header = f'<header><h1>sam3d-gs runs in {_e(root.resolve().name)}</h1><div class="meta">{len(tiles)} run(s)</div></header>'
     return write_text_atomic(root / "index.html", _page(f"sam3d-gs runs · {root.name}", header, body))

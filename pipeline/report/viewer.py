@@ -179,7 +179,7 @@ def _populate(session: ViewerSession, paths: RunPaths) -> None:
             "/photo_camera",
             fov=fov_y,
             aspect=aspect,
-            scale=0.08 * depth,
+            scale=0.06 * depth,
             thickness=0.003 * depth,
             image=photo,
             wxyz=OPENCV_IN_SCENE_WXYZ,
@@ -188,17 +188,15 @@ def _populate(session: ViewerSession, paths: RunPaths) -> None:
 
         # Just behind and above the photo's camera, so the frustum sits below the line of sight
         # instead of covering the view with the photo.
-        eye = np.array([0.0, 0.35 * depth, -0.6 * depth])
+        eye = np.array([0.0, 0.2 * depth, -0.4 * depth])
         server.initial_camera.position = tuple(eye)
         server.initial_camera.look_at = tuple(target)
         server.initial_camera.up = (0.0, 1.0, 0.0)
-        server.initial_camera.fov = float(min(max(fov_y * 1.3, np.radians(40.0)), np.radians(90.0)))
+        server.initial_camera.fov = float(min(max(fov_y * 1.1, np.radians(30.0)), np.radians(90.0)))
 
     with server.gui.add_folder("Objects"):
         for obj in session.objects:
-            checkbox = server.gui.add_checkbox(
-                _display_label(obj.id, obj.label), True, hint=f"{len(obj.gaussians):,} Gaussians"
-            )
+            checkbox = server.gui.add_checkbox(_display_label(obj.id, obj.label), True, hint=f"{len(obj.gaussians):,} Gaussians")
             session.toggles[obj.id] = checkbox
             _bind_visibility(checkbox, session.splats[obj.id])
     with server.gui.add_folder("Photo"):

@@ -232,6 +232,14 @@ def image_data_uri(path: Path, max_side: int = PHOTO_MAX_SIDE, *, quality: int =
         return None
 
 
+def _open_rgb(path: Path) -> Image.Image | None:
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
 def gif_data_uri(path: Path, max_bytes: int = GIF_EMBED_MAX_BYTES) -> str | None:
     """An animated GIF embedded as is, or re-encoded at a smaller size when it exceeds `max_bytes`."""
     try:
@@ -256,22 +264,20 @@ def gif_data_uri(path: Path, max_bytes: int = GIF_EMBED_MAX_BYTES) -> str | None
         return None
 
 
-def mask_cutout_data_uri(photo: Path, mask: Path, max_side: int = CUTOUT_MAX_SIDE) -> str | None:
-    """The photo inside the mask's box, transparent outside the mask: what the object looked like."""
+def mask_cutout_data_uri(photo: Image.Image, mask: Path, max_side: int = CUTOUT_MAX_SIDE) -> str | None:
+    """The photo (RGB, decoded once per report) inside the mask's box, transparent outside the mask."""
     try:
         with Image.open(mask) as m_im:
             m = np.asarray(m_im.convert("L")) > 127  # (H, W) bool
+        if photo.size != (m.shape[1], m.shape[0]):
+            return None
         ys = np.flatnonzero(m.any(axis=1))
         xs = np.flatnonzero(m.any(axis=0))
         if len(xs) == 0:
             return None
         box = (int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1)
-        with Image.open(photo) as p_im:
-            if p_im.size != (m.shape[1], m.shape[0]):
-                return None
-            crop = p_im.convert("RGB").crop(box)
-        alpha = Image.fromarray((m[box[1] : box[3], box[0] : box[2]] * 255).astype(np.uint8), "L")
-        crop.putalpha(alpha)
+        crop = photo.crop(box)
+        crop.putalpha(Image.fromarray((m[box[1] : box[3], box[0] : box[2]] * 255).astype(np.uint8), "L"))
         crop.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
         buf = io.BytesIO()
         crop.save(buf, format="PNG", optimize=True)
@@ -451,7 +457,7 @@ def _section_cards(run: RunView) -> str:
     if not run.objects:
         return ""
     cards = []
-    photo = run.paths.input_image
+    photo = _open_rgb(run.paths.input_image) if any(row.mask_file for row in run.objects) else None
     n_gifs = sum(1 for row in run.objects if "turntable.gif" in row.files)
     gif_budget = min(GIF_EMBED_MAX_BYTES, GIF_TOTAL_BUDGET_BYTES // max(n_gifs, 1))
     for i, row in enumerate(run.objects, start=1):
@@ -463,7 +469,7 @@ def _section_cards(run: RunView) -> str:
             why = row.error or ("object not reconstructed" if row.status != "done" else "no turntable written")
             media = f'<div class="placeholder">No turntable: {_e(why)}</div>'
         cutout = ""
-        if row.mask_file and photo.exists():
+        if row.mask_file and photo is not None:
             c = mask_cutout_data_uri(photo, run.paths.masks_dir / row.mask_file)
             if c:
                 cutout = f'<img class="cutout" alt="mask of {_e(row.id)}" src="{c}">'

@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                 p.add_argument("--port", type=int, default=8080, help="Port [default: 8080].")
         elif name == "serve-vlm":
             add_config_arguments(p, C.VLMServerConfig)
+            add_config_arguments(p, C.PlannerConfig)
             p.add_argument("--log-dir", type=Path, default=Path("outputs/vlm-server"), help="Where vllm.log goes.")
         elif name == "doctor":
             add_config_arguments(p, C.SegmenterConfig)
@@ -298,7 +299,8 @@ def cmd_view(args: argparse.Namespace, log_path: Path) -> int:
 def cmd_serve_vlm(args: argparse.Namespace, log_path: Path) -> int:
     from pipeline.plan.server import serve_vlm_main
 
-    return serve_vlm_main(config_from_args(C.VLMServerConfig, args), args.log_dir)
+    planner = config_from_args(C.PlannerConfig, args)
+    return serve_vlm_main(config_from_args(C.VLMServerConfig, args), args.log_dir, served_model_name=planner.vlm_model)
 
 
 def cmd_doctor(args: argparse.Namespace, log_path: Path) -> int:

@@ -118,15 +118,13 @@ class Stage1:
         from pipeline.plan.vlm import VLMPlanner
 
         if not self.choice.start_vlm_server:
-            yield VLMPlanner(self.cfg.planner)
+            yield VLMPlanner(self.cfg.planner, seed=self.cfg.run.seed)
             return
-        from dataclasses import replace
-
         from pipeline.plan.server import VLLMServer
 
-        with VLLMServer(self.cfg.server, paths.logs_dir / "vllm.log") as server:
-            pcfg = replace(self.cfg.planner, vlm_url=server.url, vlm_api_key=server.api_key, vlm_model=server.model_name)
-            yield VLMPlanner(pcfg)
+        with VLLMServer(self.cfg.server, paths.logs_dir / "vllm.log", served_model_name=self.cfg.planner.vlm_model) as server:
+            self.log(f"vLLM ready at {server.url} (log: {paths.logs_dir / 'vllm.log'})")
+            yield VLMPlanner(self.cfg.planner, url=server.url, api_key=server.api_key, model=server.model_name, seed=self.cfg.run.seed)
 
     def input_key(self, image_sha: str) -> str:
         c = self.cfg
@@ -158,7 +156,7 @@ class Stage1:
         with self.planner(paths) as planner:
             t = time.perf_counter()
             if planner is not None:
-                plan = planner.plan(image, query=self.cfg.planner.prompt)
+                plan = self._plan_or_record(paths, planner, image)
                 plan.items = boxes + plan.items
             else:
                 plan = Plan(items=boxes, mode="none", query=self.cfg.planner.prompt)
@@ -166,14 +164,12 @@ class Stage1:
             t = time.perf_counter()
             masks = self.segmenter().segment(image, plan if plan.items else None)
             timings["segment"] = time.perf_counter() - t
-            verified = None
             if planner is not None and self.cfg.planner.prompt and masks:
                 t = time.perf_counter()
-                keep = planner.verify(image, masks, self.cfg.planner.prompt)
-                verified = {"candidates": len(masks), "kept": sorted(keep)}
-                masks = [m for i, m in enumerate(masks) if i in set(keep)]
+                keep = set(planner.verify(image, masks, self.cfg.planner.prompt))
+                masks = [m for i, m in enumerate(masks) if i in keep]
                 timings["verify"] = time.perf_counter() - t
-        self._write_plan(paths, plan, verified)
+        self._write_plan(paths, plan, planner)
         if not masks:
             raise InputError(
                 "stage 1 found no objects in the photo; nothing was written to masks/.",
@@ -191,13 +187,25 @@ class Stage1:
         self.log(f"stage 1: {len(written)} objects -> {paths.masks_dir}")
         return {"skipped": False, "objects": len(written), "timings": timings}
 
-    def _write_plan(self, paths: RunPaths, plan: Plan, verified: dict | None) -> None:
+    def _plan_or_record(self, paths: RunPaths, planner, image: np.ndarray) -> Plan:
+        """Plan; when the VLM answered but nothing usable came back, keep its answer in plan.json."""
+        from pipeline.plan.vlm import VLMAnswerError
+
         try:
+            return planner.plan(image, query=self.cfg.planner.prompt)
+        except VLMAnswerError as exc:
+            if getattr(exc, "plan", None) is not None:
+                self._write_plan(paths, exc.plan, planner)
+            raise
+
+    def _write_plan(self, paths: RunPaths, plan: Plan, planner) -> None:
+        if planner is None:
+            record = {"format_version": 1, "planner": "none", "mode": plan.mode, "query": plan.query,
+                      "items": [{"phrase": i.phrase, "box_xyxy": list(i.box_xyxy) if i.box_xyxy else None} for i in plan.items]}
+        else:
             from pipeline.plan.vlm import plan_record
 
-            record = plan_record(plan, {"verified": verified})
-        except ImportError:
-            record = {"mode": plan.mode, "items": [{"phrase": i.phrase, "box_xyxy": i.box_xyxy} for i in plan.items]}
+            record = plan_record(plan, planner.last_request, verification=getattr(planner, "last_verification", None))
         write_json_atomic(paths.plan, record)
 
 

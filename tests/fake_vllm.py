@@ -8,11 +8,13 @@ Behaviour switches (environment):
   FAKE_VLLM_IGNORE_TERM   1: ignore SIGTERM (forces the launcher's SIGKILL)
   FAKE_VLLM_WORKER        1: start a worker process in the same group, like vLLM's engine core
   FAKE_VLLM_PIDFILE       write "<server pid> <worker pid>" here
+  FAKE_VLLM_REPLY_FILE    a JSON list of chat answers (strings) to replay, in order (the last one repeats)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
@@ -23,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fake_openai_server import FakeOpenAIServer  # noqa: E402
+from fake_openai_server import FakeOpenAIServer, Reply  # noqa: E402
 
 
 def log(message: str) -> None:
@@ -87,7 +89,11 @@ def main(argv: list[str]) -> int:
         return 1
     finally:
         probe.close()
+    replies = []
+    if os.environ.get("FAKE_VLLM_REPLY_FILE"):
+        replies = [Reply(content=text) for text in json.loads(Path(os.environ["FAKE_VLLM_REPLY_FILE"]).read_text())]
     server = FakeOpenAIServer(
+        replies=replies,
         api_key=args.api_key or os.environ.get("VLLM_API_KEY"), model=args.served_model_name or args.model, host=host, port=args.port
     )
     log(f"Uvicorn running on http://{host}:{args.port} (Press CTRL+C to quit)")

@@ -1,0 +1,97 @@
+"""The same `render` as render_cpu, through gsplat's CUDA rasterizer, plus renderer selection."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import numpy as np
+
+from pipeline.core.errors import MissingDependencyError, missing_dependency
+from pipeline.core.types import SH_C0, Gaussians
+from pipeline.scene.camera import Camera
+
+RenderFn = Callable[..., np.ndarray]
+
+
+def _gsplat_and_torch():
+    try:
+        import torch
+    except ImportError as exc:
+        raise missing_dependency("torch", "sam3d-objects", "pip install torch") from exc
+    try:
+        import gsplat
+    except ImportError as exc:
+        raise missing_dependency("gsplat", "sam3d-objects", "pip install gsplat") from exc
+    if not torch.cuda.is_available():
+        raise MissingDependencyError(
+            "gsplat needs a CUDA GPU and none is visible.", "use --renderer cpu (or auto), or run on a machine with CUDA."
+        )
+    return gsplat, torch
+
+
+def render(
+    g: Gaussians,
+    camera: Camera,
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    *,
+    device: str = "cuda",
+) -> np.ndarray:
+    """Render with gsplat.rasterization (classic 3DGS, eps2d 0.3). Returns (H, W, 3) uint8."""
+    gsplat, torch = _gsplat_and_torch()
+    W, H = int(camera.width), int(camera.height)
+    if len(g) == 0:
+        return np.broadcast_to(np.rint(np.clip(background, 0, 1) * 255).astype(np.uint8), (H, W, 3)).copy()
+
+    def t(a: np.ndarray) -> "torch.Tensor":
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)
+
+    # Colours as gsplat computes them for SH degree 0: 0.5 + C0 * f_dc, clamped at 0.
+    colors = np.maximum(0.5 + SH_C0 * g.features_dc, 0.0)
+    with torch.no_grad():
+        image, _alpha, _meta = gsplat.rasterization(
+            means=t(g.xyz),
+            quats=t(g.rotation),  # w first, as gsplat expects
+            scales=t(g.scale),
+            opacities=t(g.opacity[:, 0]),
+            colors=t(colors),
+            viewmats=t(camera.viewmat)[None],
+            Ks=t(camera.K)[None],
+            width=W,
+            height=H,
+            near_plane=0.01,
+            eps2d=0.3,
+            backgrounds=t(np.asarray(background, np.float32))[None],
+            rasterize_mode="classic",
+        )
+    out = image[0].clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8).cpu().numpy()
+    return out
+
+
+def gsplat_available() -> tuple[bool, str]:
+    """(usable, reason): whether gsplat imports and CUDA is visible."""
+    try:
+        _gsplat_and_torch()
+    except MissingDependencyError as exc:
+        return False, exc.problem
+    return True, "gsplat and a CUDA GPU are available"
+
+
+def pick_renderer(name: Literal["auto", "cpu", "gsplat"] = "auto") -> tuple[RenderFn, str, str]:
+    """Choose the turntable renderer: (render_fn, chosen name, why).
+
+    'gsplat' raises MissingDependencyError when it cannot run; 'auto' falls back to the CPU one.
+    """
+    from pipeline.scene import render_cpu
+
+    if name == "cpu":
+        return render_cpu.render, "cpu", "requested"
+    if name == "gsplat":
+        _gsplat_and_torch()
+        return render, "gsplat", "requested"
+    if name != "auto":
+        raise ValueError(f"unknown renderer {name!r}")
+    ok, reason = gsplat_available()
+    if ok:
+        return render, "gsplat", reason
+    return render_cpu.render, "cpu", f"gsplat not used: {reason}"

@@ -179,7 +179,7 @@ class Stage1:
 
         seg_report = getattr(self._segmenter, "last_report", None)
         written = write_masks(paths.masks_dir, image, masks, image_sha256=sha, meta={"input_key": key, "segmenter": self.choice.segmenter, "planner": self.choice.planner, "segmenter_report": seg_report})
-        timings["stage1_total"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - t0
         manifest.update(
             timings={f"stage1.{k}": round(v, 4) for k, v in timings.items()},
             objects={m.id: {"label": m.label, "score": m.score if np.isfinite(m.score) else None, "area": m.area, "status": "masked"} for m in written},

@@ -159,7 +159,10 @@ def resolve_bpe_path(explicit: Path | str | None = None) -> Path:
     if explicit:
         path = Path(explicit).expanduser()
         if not path.is_file():
-            raise InputError(f"--sam3-bpe {path} does not exist.", f"give the path of {BPE_FILENAME}, or leave --sam3-bpe out to find it in sam3 or open_clip.")
+            raise InputError(
+                f"--sam3-bpe {path} does not exist.",
+                f"give the path of {BPE_FILENAME}, or leave --sam3-bpe out to find it in sam3 or open_clip.",
+            )
         return path
     for path in bpe_candidates():
         if path.is_file():
@@ -207,12 +210,16 @@ def download_sam3_checkpoint(repo_id: str = SAM3_HF_REPO, *, cache_dir: Path | N
                 "connect to the internet once (HF_TOKEN set), or pass --sam3-checkpoint PATH.",
             ) from None
         if "EntryNotFoundError" in errs and isinstance(exc, errs["EntryNotFoundError"]):
-            raise BackendError(f"{repo_id} has no {SAM3_HF_CHECKPOINT}.", "pass --sam3-checkpoint PATH to a SAM3 image checkpoint.") from None
+            raise BackendError(
+                f"{repo_id} has no {SAM3_HF_CHECKPOINT}.", "pass --sam3-checkpoint PATH to a SAM3 image checkpoint."
+            ) from None
         if "HfHubHTTPError" in errs and isinstance(exc, errs["HfHubHTTPError"]):
             status = getattr(getattr(exc, "response", None), "status_code", None)
             if status in (401, 403):
                 raise BackendError(f"Hugging Face refused the download of {repo_id} {who} (HTTP {status}).", access_fix) from None
-            raise BackendError(f"downloading {repo_id} failed: HTTP {status}.", "try again later, or pass --sam3-checkpoint PATH.") from None
+            raise BackendError(
+                f"downloading {repo_id} failed: HTTP {status}.", "try again later, or pass --sam3-checkpoint PATH."
+            ) from None
         raise
 
 
@@ -227,7 +234,9 @@ def load_checkpoint_into(model: Any, path: Path) -> dict[str, int]:
     try:
         ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise BackendError(f"could not read the SAM3 checkpoint {path}: {exc}".splitlines()[0], "pass a valid sam3.pt with --sam3-checkpoint.") from None
+        raise BackendError(
+            f"could not read the SAM3 checkpoint {path}: {exc}".splitlines()[0], "pass a valid sam3.pt with --sam3-checkpoint."
+        ) from None
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
         ckpt = ckpt["model"]
     if not isinstance(ckpt, dict):
@@ -329,13 +338,19 @@ class Sam3Segmenter:
             raise missing_dependency(missing, "sam3", SAM3_INSTALL) from exc
         device = pick_device(self.requested_device)
         if not device.startswith("cuda") or not torch.cuda.is_available():
-            raise BackendError(f"SAM3 needs a CUDA GPU; the device here is '{device}'.", "run on a machine with an NVIDIA GPU, or use --segmenter classical.")
+            raise BackendError(
+                f"SAM3 needs a CUDA GPU; the device here is '{device}'.",
+                "run on a machine with an NVIDIA GPU, or use --segmenter classical.",
+            )
         bpe = resolve_bpe_path(self.cfg.sam3_bpe)
         checkpoint: Path | None = None
         if self.cfg.sam3_checkpoint:
             checkpoint = Path(self.cfg.sam3_checkpoint).expanduser()
             if not checkpoint.is_file():
-                raise InputError(f"--sam3-checkpoint {checkpoint} does not exist.", "give the path of sam3.pt, or leave it out to download facebook/sam3 with HF_TOKEN.")
+                raise InputError(
+                    f"--sam3-checkpoint {checkpoint} does not exist.",
+                    "give the path of sam3.pt, or leave it out to download facebook/sam3 with HF_TOKEN.",
+                )
         elif self.load_from_hf:
             checkpoint = download_sam3_checkpoint()
         t0 = time.perf_counter()
@@ -348,7 +363,10 @@ class Sam3Segmenter:
         else:
             fixed = make_random_weights_finite(model)
             self.weights = "random"
-            log.warning("SAM3 runs with RANDOM weights (load_from_hf=False, no --sam3-checkpoint): masks are meaningless; tests and benchmarks only. Re-drew %d uninitialised parameters.", len(fixed))
+            log.warning(
+                "SAM3 runs with RANDOM weights (load_from_hf=False, no --sam3-checkpoint): masks are meaningless; tests and benchmarks only. Re-drew %d uninitialised parameters.",
+                len(fixed),
+            )
         model = model.to(device).eval()
         self.model = model
         self.device = device
@@ -445,7 +463,9 @@ class Sam3Segmenter:
                 box_mask=torch.zeros(k, 1, device=dev, dtype=torch.bool),
                 box_labels=torch.ones(1, k, device=dev, dtype=torch.long),
             )
-        out = self.model.forward_grounding(backbone_out=backbone_out, find_input=find_input, geometric_prompt=geometric_prompt, find_target=None)
+        out = self.model.forward_grounding(
+            backbone_out=backbone_out, find_input=find_input, geometric_prompt=geometric_prompt, find_target=None
+        )
         probs = out["pred_logits"].float().sigmoid()  # (k, Q, 1)
         presence = out["presence_logit_dec"].float().sigmoid().unsqueeze(1)  # (k, 1, 1)
         scores = (probs * presence).squeeze(-1).cpu().numpy()  # (k, Q)
@@ -493,7 +513,7 @@ class Sam3Segmenter:
 
         def choose(i: int, scores: np.ndarray) -> list[int]:
             max_keep = 1 if boxes[i] is not None else max(1, int(self.cfg.max_masks_per_phrase))
-            keep, nonfinite[i] = select_queries(scores, self.cfg.confidence, max_keep, self.min_masks_per_phrase)
+            keep, nonfinite[i] = select_queries(scores, self.cfg.confidence, max_keep, min(self.min_masks_per_phrase, max_keep))
             return keep
 
         t = time.perf_counter()
@@ -504,7 +524,7 @@ class Sam3Segmenter:
         t = time.perf_counter()
         candidates: list[_Candidate] = []
         for i, res in enumerate(grounded):
-            for q, logits_q in zip(res["queries"], res["mask_logits"]):
+            for q, logits_q in zip(res["queries"], res["mask_logits"], strict=True):
                 candidates.append(_Candidate(i, q, float(res["scores"][q]), logits_q))
         nonfinite_total = sum(nonfinite)
 
@@ -524,21 +544,28 @@ class Sam3Segmenter:
                 alive, kept, full = [], [], np.zeros((0, height, width), bool)
 
         masks: list[ObjectMask] = []
-        for j, mask in zip(kept, full):
+        returned: set[int] = set()  # phrase indices that gave a mask
+        for j, mask in zip(kept, full, strict=True):
             c = candidates[j]
             if not mask.any():
                 continue
             item = items[c.phrase_index]
-            prompt = phrases[c.phrase_index] if boxes[c.phrase_index] is None else f"{phrases[c.phrase_index]} + box {','.join(f'{v:.0f}' for v in item.box_xyxy)}"
+            prompt = (
+                phrases[c.phrase_index]
+                if boxes[c.phrase_index] is None
+                else f"{phrases[c.phrase_index]} + box {','.join(f'{v:.0f}' for v in item.box_xyxy)}"
+            )
             masks.append(ObjectMask(mask=mask, label=item.phrase or "object", prompt=prompt, score=c.score, source="sam3"))
+            returned.add(c.phrase_index)
         timings["select_dedup_upsample"] = time.perf_counter() - t
 
         alive_phrases = {candidates[j].phrase_index for j in alive}
         kept_phrases = {candidates[j].phrase_index for j in kept}
+        only_duplicates = sorted(alive_phrases - kept_phrases)
         self.last_report = {
             "phrases": len(phrases),
-            "no_mask": [phrases[i] for i in range(len(items)) if i not in alive_phrases],
-            "only_duplicates": [phrases[i] for i in sorted(alive_phrases - kept_phrases)],
+            "no_mask": [phrases[i] for i in range(len(items)) if i not in returned and i not in only_duplicates],
+            "only_duplicates": [phrases[i] for i in only_duplicates],
             "nan_scores": int(nonfinite_total),
             "candidates": len(candidates),
             "empty_masks": len(candidates) - len(alive),
@@ -559,7 +586,10 @@ class Sam3Segmenter:
 def _check_image(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise InputError(f"SAM3 needs an (H, W, 3) uint8 RGB photo, got {image.shape} {image.dtype}.", "load the photo with pipeline.image.load.load_photo.")
+        raise InputError(
+            f"SAM3 needs an (H, W, 3) uint8 RGB photo, got {image.shape} {image.dtype}.",
+            "load the photo with pipeline.image.load.load_photo.",
+        )
     return image
 
 

@@ -51,6 +51,18 @@ def quat_multiply(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     )
 
 
+def left_product_matrix(a: np.ndarray) -> np.ndarray:
+    """(..., 4, 4) matrices L(a) with L(a) @ b = a (x) b for w-first quaternions."""
+    w, x, y, z = np.moveaxis(np.asarray(a), -1, 0)
+    rows = (
+        (w, -x, -y, -z),
+        (x, w, -z, y),
+        (y, z, w, -x),
+        (z, -y, x, w),
+    )
+    return np.stack([np.stack(r, axis=-1) for r in rows], axis=-2)
+
+
 def quat_invert(q: np.ndarray) -> np.ndarray:
     """Inverse of unit quaternions (the conjugate)."""
     q = np.array(q, copy=True)
@@ -150,23 +162,32 @@ def compose_scene(objects: list[ObjectGaussians]) -> tuple[Gaussians, np.ndarray
     g = Gaussians.concatenate([o.gaussians for o in objects])
     object_index = np.repeat(np.arange(len(objects), dtype=np.int32), counts)  # (N,)
 
-    # Per-object pose arrays (K small), then gathered per Gaussian.
+    # Per-object pose arrays (K small), expanded to per-Gaussian arrays with np.repeat: objects are
+    # contiguous blocks, and repeat is a sequential copy (cheaper than a gather by object_index).
     M = np.stack([pose_linear(o.pose) for o in objects]).astype(np.float32)  # (K, 3, 3)
     t = np.stack([o.pose.translation for o in objects]).astype(np.float32)  # (K, 3)
-    q_inv = quat_invert(quat_normalize(np.stack([o.pose.rotation for o in objects]).astype(np.float32)))  # (K, 4)
+    q_inv = quat_invert(quat_normalize(np.stack([o.pose.rotation for o in objects]).astype(np.float64)))  # (K, 4)
     s = np.stack([o.pose.scale for o in objects]).astype(np.float32)  # (K, 3)
     uniform = np.array([is_uniform_scale(o.pose.scale) for o in objects])  # (K,)
 
-    # p @ M as three broadcast multiply-adds: avoids materializing an (N, 3, 3) array.
-    xyz = t[object_index]  # (N, 3)
-    for row in range(3):  # three (N, 3) multiply-adds, not a loop over points
-        xyz += g.xyz[:, row : row + 1] * M[:, row, :][object_index]
-    rotation = quat_normalize(quat_multiply(q_inv[object_index], g.rotation))  # (N, 4)
-    scale = g.scale * s[object_index, :1]  # (N, 3): uniform pose scale
+    def per_gaussian(a: np.ndarray) -> np.ndarray:
+        return np.repeat(a, counts, axis=0)
+
+    # p @ M + t as three broadcast multiply-adds: no (N, 3, 3) array.
+    xyz = per_gaussian(t)  # (N, 3)
+    for row in range(3):
+        xyz += g.xyz[:, row : row + 1] * per_gaussian(M[:, row, :])
+    # q_pose^-1 (x) q_gauss is linear in q_gauss: q_scene = q_gauss @ L^T, L the left-product matrix of q_pose^-1.
+    L = left_product_matrix(q_inv).astype(np.float32)  # (K, 4, 4)
+    rotation = g.rotation[:, 0:1] * per_gaussian(L[:, :, 0])  # (N, 4)
+    for col in range(1, 4):
+        rotation += g.rotation[:, col : col + 1] * per_gaussian(L[:, :, col])
+    rotation /= np.sqrt(np.einsum("ij,ij->i", rotation, rotation))[:, None]
+    scale = g.scale * per_gaussian(s[:, :1])  # (N, 3): uniform pose scale
 
     if not uniform.all():
         # Exact covariance for objects with a non-uniform pose scale, re-factored by eigh.
-        sel = ~uniform[object_index]
+        sel = ~per_gaussian(uniform)
         R_g = quat_to_matrix(g.rotation[sel].astype(np.float64))  # (n, 3, 3) column-vector rotations
         A = np.swapaxes(M[object_index[sel]].astype(np.float64), 1, 2)  # (n, 3, 3): M^T, column form
         L = A @ R_g * g.scale[sel].astype(np.float64)[:, None, :]  # (n, 3, 3) = A R_g S

@@ -153,7 +153,8 @@ class Stage1:
 
         boxes = parse_box_flags(self.cfg.segmenter.box, w, h)
         timings: dict[str, float] = {}
-        with self.planner(paths) as planner:
+        with contextlib.ExitStack() as server_scope:
+            planner = server_scope.enter_context(self.planner(paths))
             t = time.perf_counter()
             if planner is not None:
                 plan = self._plan_or_record(paths, planner, image)
@@ -161,6 +162,9 @@ class Stage1:
             else:
                 plan = Plan(items=boxes, mode="none", query=self.cfg.planner.prompt)
             timings["plan"] = time.perf_counter() - t
+            if not self.cfg.planner.prompt:
+                # Scene mode needs the VLM no more: stop vLLM now so SAM3 gets its GPU memory.
+                server_scope.close()
             t = time.perf_counter()
             masks = self.segmenter().segment(image, plan if plan.items else None)
             timings["segment"] = time.perf_counter() - t
@@ -310,7 +314,10 @@ class Stage2:
         pointmaps = getattr(lifter, "pointmap_computations", None)
         timings = {"stage2.prepare": round(prepare_s, 4), "stage2.lift": round(time.perf_counter() - t0, 4)}
         if pointmaps is not None:
-            manifest.data.setdefault("stats", {})["pointmap_computations"] = pointmaps
+            stats = manifest.data.setdefault("stats", {})
+            stats["pointmap_computations"] = pointmaps
+            stats["pointmap_method"] = getattr(lifter, "pointmap_method", None)
+            stats["retried_objects"] = list(getattr(lifter, "retried", []))
         manifest.update(timings=timings)
         export_summary = self.export(paths, manifest)
         return {"objects": results, "export": export_summary}

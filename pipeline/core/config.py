@@ -68,7 +68,7 @@ class VLMServerConfig:
     gpus: str | None = opt(None, "GPU ids for vLLM, e.g. '0' or '0,1' (sets CUDA_VISIBLE_DEVICES).")
     tensor_parallel_size: int = opt(1, "vLLM --tensor-parallel-size.")
     max_model_len: int = opt(16384, "vLLM --max-model-len.")
-    gpu_memory_utilization: float = opt(0.85, "vLLM --gpu-memory-utilization.")
+    gpu_memory_utilization: float = opt(0.6, "vLLM --gpu-memory-utilization (the rest of the GPU is left for SAM3 in query mode, when both run at once).")
     ready_timeout: float = opt(1800.0, "Seconds to wait for vLLM to become ready (first load can be slow).")
     keep_server: bool = opt(False, "Leave vLLM running after stage 1 and print its URL.")
     models_dir: Path | None = opt(None, "Where to download model weights (default: the Hugging Face cache).", env="SAM3DGS_MODELS_DIR")

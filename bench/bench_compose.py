@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.core.types import Gaussians, ObjectGaussians, Pose  # noqa: E402
 from pipeline.scene.compose import compose_scene, quat_normalize  # noqa: E402
+from timing import best_of  # bench/timing.py (the bench folder is on sys.path when run as a script)
 
 
 def make_objects(n_objects: int, n_gaussians: int, *, uniform: bool = True) -> list[ObjectGaussians]:
@@ -34,14 +34,6 @@ def make_objects(n_objects: int, n_gaussians: int, *, uniform: bool = True) -> l
         out.append(ObjectGaussians(g, Pose(quat_normalize(rng.normal(size=4)), rng.normal(size=3), scale), "bench"))
     return out
 
-
-def best_of(fn, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> None:

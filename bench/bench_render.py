@@ -9,7 +9,6 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from pipeline.core.types import ObjectGaussians, ObjectMask  # noqa: E402
 from pipeline.scene.compose import compose_scene  # noqa: E402
 from pipeline.scene.render_cpu import render  # noqa: E402
 from pipeline.scene.turntable import gaussian_bounds, photo_view_axes, scene_orbit_cameras, turntable_cameras  # noqa: E402
+from timing import best_of  # bench/timing.py (the bench folder is on sys.path when run as a script)
 
 
 def demo_objects() -> list[ObjectGaussians]:
@@ -33,14 +33,6 @@ def demo_objects() -> list[ObjectGaussians]:
         ctx = lifter.prepare(demo.image)
         return [lifter.lift(ctx, ObjectMask(o.mask, o.name), seed=0) for o in demo.objects]
 
-
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> None:

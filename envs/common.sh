@@ -130,7 +130,7 @@ default_out() {
   image="$(flag_value --image)"
   stem="$(basename "${image:-image}")"; stem="${stem%.*}"
   stem="$(printf '%s' "$stem" | tr -c 'A-Za-z0-9_.-' '_' | cut -c1-60)"
-  echo "$SAM3DGS_ROOT/outputs/${stem:-image}-$(date +%Y%m%d-%H%M%S)"
+  echo "${SAM3DGS_OUTPUTS:-$SAM3DGS_ROOT/outputs}/${stem:-image}-$(date +%Y%m%d-%H%M%S)"
 }
 
 print_script_help() {  # $1 = script usage text, $2 = pipeline subcommand

@@ -44,7 +44,18 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def default_run_dir(image: Path, root: Path = Path("outputs")) -> Path:
+def default_outputs_root() -> Path:
+    """SAM3DGS_OUTPUTS, else the checkout's outputs/ (beside pipeline/), else ./outputs."""
+    import os
+
+    if os.environ.get("SAM3DGS_OUTPUTS"):
+        return Path(os.environ["SAM3DGS_OUTPUTS"])
+    checkout = Path(__file__).resolve().parents[2] / "outputs"
+    return checkout if (checkout / "README.md").is_file() else Path("outputs")
+
+
+def default_run_dir(image: Path, root: Path | None = None) -> Path:
+    root = default_outputs_root() if root is None else root
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", image.stem)[:60] or "image"
     return root / f"{stem}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 

@@ -154,3 +154,16 @@ def mask_box_xyxy(mask: np.ndarray) -> tuple[float, float, float, float]:
     if len(xs) == 0:
         return (0.0, 0.0, 0.0, 0.0)
     return (float(xs[0]), float(ys[0]), float(xs[-1] + 1), float(ys[-1] + 1))
+
+
+def require_rgb_image(image: np.ndarray, who: str) -> np.ndarray:
+    """The photo contract of every backend: an RGB uint8 (H, W, 3) array, else InputError."""
+    from pipeline.core.errors import InputError
+
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise InputError(
+            f"{who} needs an RGB uint8 (H, W, 3) photo, got {image.dtype} {image.shape}.",
+            "load the photo with pipeline.image.load.load_photo, which normalizes it to RGB.",
+        )
+    return image

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.core.errors import InputError
-from pipeline.core.types import ObjectMask, Plan
+from pipeline.core.types import ObjectMask, Plan, require_rgb_image
 
 BoxPrompt = tuple  # (x0, y0, x1, y1) or (x0, y0, x1, y1, label); pixels of the full-size photo
 
@@ -79,7 +79,7 @@ class ClassicalSegmenter:
     def segment(self, image: np.ndarray, plan: Plan | None = None) -> list[ObjectMask]:
         """One mask per object. Plan items with boxes are refined; phrases alone cannot be used
         without a model, so a plan without boxes means: find the objects automatically."""
-        image = _check_image(image)
+        image = require_rgb_image(image, "the classical segmenter")
         boxes = list(self.boxes)
         if plan is not None:
             for item in plan.items:
@@ -194,16 +194,6 @@ class ClassicalSegmenter:
 
 # ----------------------------------------------------------------------------------------------
 # Helpers (working resolution unless said otherwise)
-
-
-def _check_image(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise InputError(
-            f"the classical segmenter needs an RGB uint8 (H, W, 3) image, got {image.dtype} {image.shape}.",
-            "load the photo through pipeline's image loader, which normalizes it to RGB.",
-        )
-    return image
 
 
 def _parse_box(box: Sequence) -> tuple[float, float, float, float, str | None]:

@@ -14,9 +14,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from timing import best_of  # bench/timing.py (the bench folder is on sys.path when run as a script)
+
 from pipeline.core.types import Gaussians, ObjectGaussians, Pose  # noqa: E402
 from pipeline.scene.compose import compose_scene, quat_normalize  # noqa: E402
-from timing import best_of  # bench/timing.py (the bench folder is on sys.path when run as a script)
 
 
 def make_objects(n_objects: int, n_gaussians: int, *, uniform: bool = True) -> list[ObjectGaussians]:

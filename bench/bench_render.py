@@ -15,11 +15,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from timing import best_of  # bench/timing.py (the bench folder is on sys.path when run as a script)
+
 from pipeline.core.types import ObjectGaussians, ObjectMask  # noqa: E402
 from pipeline.scene.compose import compose_scene  # noqa: E402
 from pipeline.scene.render_cpu import render  # noqa: E402
 from pipeline.scene.turntable import gaussian_bounds, photo_view_axes, scene_orbit_cameras, turntable_cameras  # noqa: E402
-from timing import best_of  # bench/timing.py (the bench folder is on sys.path when run as a script)
 
 
 def demo_objects() -> list[ObjectGaussians]:

@@ -14,7 +14,6 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any
 
 from pipeline.core import config as C
 from pipeline.core.cli_args import add_config_arguments, config_from_args
@@ -175,11 +174,10 @@ def cmd_stage(args: argparse.Namespace, log_path: Path) -> int:
     _start_log(run_dir)
     say(f"run folder: {run_dir}")
     t0 = time.perf_counter()
-    result: dict[str, Any] = {}
     if command in ("run", "stage1"):
         Stage1(cfgs, choice, log=say).process(Path(cfgs.run.image), run_dir)
     if command in ("run", "stage2"):
-        result = Stage2(cfgs, choice, log=say).process(run_dir, Path(cfgs.run.image) if cfgs.run.image else None, cfgs.lifter.masks)
+        Stage2(cfgs, choice, log=say).process(run_dir, Path(cfgs.run.image) if cfgs.run.image else None, cfgs.lifter.masks)
     return _summary(run_dir, time.perf_counter() - t0, stage1_only=command == "stage1")
 
 

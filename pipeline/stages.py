@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import platform
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ import pipeline
 from pipeline.core import config as C
 from pipeline.core.atomic import clean_stale_temporaries, write_json_atomic
 from pipeline.core.errors import BackendError, InputError, PipelineError
+from pipeline.core.progress import progress
 from pipeline.core.runfolder import Manifest, RunPaths, sha256_file
 from pipeline.core.types import ObjectMask, Plan, PlanItem
 from pipeline.selection import BackendChoice, choose_backends
@@ -288,7 +288,7 @@ class Stage2:
         t = time.perf_counter()
         context = lifter.prepare(image) if todo else None
         prepare_s = time.perf_counter() - t
-        for m, key in _progress(todo, self.cfg.run.progress, "stage 2: objects"):
+        for m, key in progress(todo, self.cfg.run.progress, "stage 2: objects"):
             t = time.perf_counter()
             status: dict[str, Any] = {"id": m.id, "label": m.label, "input_key": key, "lifter": self.choice.lifter}
             try:
@@ -358,13 +358,3 @@ def _one_line(exc: BaseException) -> str:
 
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
-
-
-def _progress(items, enabled: bool, desc: str):
-    if not enabled or not items:
-        return items
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return items
-    return tqdm(items, desc=desc, unit="obj", file=sys.stderr, leave=False)

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import ROOT
+from PIL import Image
 
 OBJECT_FILES = ("gaussians.pt", "object.ply", "object.splat", "turntable.gif", "status.json")
 FAST = ["--no-progress", "--gif-frames", "6", "--gif-size", "96", "--inflate-gaussians", "2000"]

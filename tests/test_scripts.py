@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
 
 SCRIPTS = ["run_pipeline.sh", "run_agent_with_vllm.sh", "run_sam3d_from_masks.sh"]

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import ROOT
 from fake_openai_server import FakeOpenAIServer, Reply
+from PIL import Image
 
 from pipeline.demo.scene import make_demo_scene
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from pipeline.core.config import ExportConfig
 from pipeline.core.errors import InputError
+from pipeline.core.progress import progress as show_progress
 from pipeline.core.runfolder import OBJECT_ID_RE, RunPaths
 from pipeline.core.types import ObjectGaussians
 from pipeline.objects.gaussians_pt import load_object_pt
@@ -32,17 +33,6 @@ from pipeline.scene.turntable import (
     turntable_cameras,
     write_gif,
 )
-
-
-
-def _progress(items: list[Any], enabled: bool, desc: str):
-    if not enabled:
-        return items
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return items
-    return tqdm(items, desc=desc, unit="obj", leave=False)
 
 
 def _photo_size(paths: RunPaths) -> tuple[int, int] | None:
@@ -98,7 +88,7 @@ def export_run(
     }
     loaded: list[tuple[str, ObjectGaussians]] = []
     object_dirs = sorted(d for d in paths.objects_dir.iterdir() if d.is_dir() and OBJECT_ID_RE.match(d.name))
-    for obj_dir in _progress(object_dirs, progress, "export objects"):
+    for obj_dir in show_progress(object_dirs, progress, "export objects"):
         oid = obj_dir.name
         pt = obj_dir / "gaussians.pt"
         if not pt.is_file():

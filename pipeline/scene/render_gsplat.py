@@ -43,7 +43,7 @@ def render(
     if len(g) == 0:
         return np.broadcast_to(np.rint(np.clip(background, 0, 1) * 255).astype(np.uint8), (H, W, 3)).copy()
 
-    def t(a: np.ndarray) -> "torch.Tensor":
+    def t(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)
 
     # Colours as gsplat computes them for SH degree 0: 0.5 + C0 * f_dc, clamped at 0.

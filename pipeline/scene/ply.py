@@ -42,68 +42,38 @@ def splat_ply_header(n: int) -> bytes:
     return ("\n".join(lines) + "\n").encode("ascii")
 
 
-def splat_ply_rows(g: Gaussians, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(N', 17) float32 rows in PLY_PROPERTIES order with non-finite rows removed, and the (k,) indices
-    of the removed rows.
-
-    `out`, when given, is an (N, 17) float32 buffer to fill (the rows are then a view of it).
-    """
+def splat_ply_rows(g: Gaussians) -> tuple[np.ndarray, int]:
+    """(N', 17) float32 rows in PLY_PROPERTIES order, built in one vectorized pass, and the number
+    of non-finite rows removed (NaN/inf inputs, or scales <= 0 whose log is not finite)."""
     n = len(g)
-    rows = np.empty((n, len(PLY_PROPERTIES)), dtype=np.float32) if out is None else out[:n]
-    rows[:, 0:3] = g.xyz
-    rows[:, 3:6] = 0.0
-    rows[:, 6:9] = g.features_dc
-    p = np.clip(g.opacity[:, 0], _OPACITY_EPS, 1.0 - _OPACITY_EPS)
+    p = np.clip(g.opacity, _OPACITY_EPS, 1.0 - _OPACITY_EPS)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        np.log(p / (1.0 - p), out=rows[:, 9])
-        np.log(g.scale, out=rows[:, 10:13])  # scale <= 0 gives -inf/nan: dropped below
-        rows[:, 13:17] = g.rotation
-        # A row's sum is non-finite whenever one of its values is (or, rarely, when it overflows):
-        # a cheap filter (one matrix-vector product) whose candidates are then checked value by value.
-        row_sum = rows @ np.ones(len(PLY_PROPERTIES), np.float32)
-    candidates = np.flatnonzero(~np.isfinite(row_sum) | ~np.isfinite(g.opacity[:, 0]))
-    bad = candidates[~np.isfinite(rows[candidates]).all(axis=1) | ~np.isfinite(g.opacity[candidates, 0])]
-    if len(bad):
-        keep = np.ones(n, dtype=bool)
-        keep[bad] = False
-        rows = rows[keep]
-    return rows, bad
-
-
-WRITE_BLOCK = 1 << 16
-"""Gaussians per block when writing: one reused 4.4 MB buffer stays in cache and avoids page-faulting
-a fresh N x 68-byte array (which costs more than filling it)."""
+        logit = np.log(p / (1.0 - p))
+        log_scale = np.log(g.scale)
+    # One interleaving copy from contiguous columns; strided writes into a row buffer cost more.
+    rows = np.hstack([g.xyz, np.zeros((n, 3), np.float32), g.features_dc, logit, log_scale, g.rotation])
+    with np.errstate(invalid="ignore", over="ignore"):
+        finite = np.isfinite(rows @ np.ones(len(PLY_PROPERTIES), np.float32)) & np.isfinite(g.opacity[:, 0])
+    if finite.all():
+        return rows, 0
+    # The sum can overflow for finite rows; decide those row by row.
+    suspects = np.flatnonzero(~finite)
+    finite[suspects] = np.isfinite(rows[suspects]).all(axis=1) & np.isfinite(g.opacity[suspects, 0])
+    return rows[finite], int(n - finite.sum())
 
 
 def write_splat_ply(path: str | os.PathLike[str], g: Gaussians) -> dict[str, int]:
     """Write Gaussians as a 3DGS .ply (atomically). Returns {'written': n, 'dropped_nonfinite': k}.
 
-    Rows are built vectorized (no per-row Python), block by block in one reused buffer viewed as
-    PLY_DTYPE records, and written straight from it. Non-finite rows are found on the way; in that
-    (rare) case the file is written again without them, so the header's count is exact.
+    The rows are one numpy array (no per-row Python) written with a single buffer write.
     """
-    n = len(g)
-    buffer = np.empty((min(n, WRITE_BLOCK), len(PLY_PROPERTIES)), dtype=np.float32)
-    bad_rows: list[np.ndarray] = []
+    rows, dropped = splat_ply_rows(g)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
-            fh.write(splat_ply_header(n))
-            for start in range(0, n, WRITE_BLOCK):
-                rows, bad = splat_ply_rows(g.take(slice(start, start + WRITE_BLOCK)), out=buffer)
-                if len(bad):
-                    bad_rows.append(bad + start)
-                elif not bad_rows:
-                    fh.write(memoryview(rows.view(PLY_DTYPE)).cast("B"))
-        if bad_rows:
-            keep = np.ones(n, dtype=bool)
-            keep[np.concatenate(bad_rows)] = False
-            rows, _ = splat_ply_rows(g.take(keep))
-            with open(tmp, "wb") as fh:
-                fh.write(splat_ply_header(len(rows)))
-                if len(rows):
-                    fh.write(memoryview(rows.view(PLY_DTYPE)).cast("B"))
-    dropped = int(sum(len(b) for b in bad_rows))
-    return {"written": n - dropped, "dropped_nonfinite": dropped}
+            fh.write(splat_ply_header(len(rows)))
+            if len(rows):
+                fh.write(memoryview(np.ascontiguousarray(rows)).cast("B"))
+    return {"written": len(rows), "dropped_nonfinite": dropped}
 
 
 def _parse_header(fh, path: Path) -> tuple[str, list[tuple[str, int, list[tuple[str, str]]]], int]:

@@ -210,3 +210,24 @@ def test_export_alone_rebuilds_files_from_gaussians_pt(demo_run: Path, tmp_path:
     proc = pipeline_cmd("export", run, "--no-turntable")
     assert proc.returncode == 0, proc.stderr
     assert len(list(run.glob("objects/*/object.ply"))) == 5 and (run / "scene/scene.ply").is_file()
+
+
+def test_very_large_photo_runs_within_memory(tmp_path: Path):
+    """A 6000x4500 photo end to end on the built-in backends: masks at full size, bounded memory."""
+    import resource
+
+    h, w = 4500, 6000
+    img = np.full((h, w, 3), 235, np.uint8)
+    yy, xx = np.ogrid[0:h, 0:w]
+    img[((xx - 1500) ** 2 + (yy - 2200) ** 2) < 900**2] = (200, 30, 30)
+    img[1500:3200, 3500:5200] = (30, 60, 200)
+    Image.fromarray(img).save(tmp_path / "big.jpg", quality=90)
+    del img, yy, xx
+    out = tmp_path / "run"
+    proc = pipeline_cmd("run", "--image", tmp_path / "big.jpg", "--out", out, "--profile", "lite", *FAST)
+    assert proc.returncode == 0, proc.stderr
+    masks = json.loads((out / "masks/masks.json").read_text())
+    assert masks["image"]["width"] == w and len(masks["objects"]) == 2
+    assert Image.open(out / "masks/obj_001.png").size == (w, h)
+    peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    assert peak_gib < 2.0, f"peak memory {peak_gib:.2f} GiB"

@@ -86,7 +86,7 @@ class SegmenterConfig:
     confidence: float = opt(0.5, "Keep masks whose score is at least this.")
     dedup_iou: float = opt(0.8, "Masks overlapping an earlier one by this IoU or more are dropped as duplicates.")
     max_masks_per_phrase: int = opt(3, "SAM3: keep at most this many instances per phrase (a phrase with a box keeps one).")
-    sam3_phrase_batch: int = opt(16, "SAM3: phrases grounded together on the encoded image (lower it if the GPU runs out of memory).")
+    sam3_phrase_batch: int = opt(32, "SAM3: phrases grounded together on the encoded image (halved automatically if the GPU runs out of memory).")
     sam3_checkpoint: Path | None = opt(None, "Local SAM3 checkpoint (default: download facebook/sam3 with HF_TOKEN).")
     sam3_bpe: Path | None = opt(None, "CLIP BPE vocab bpe_simple_vocab_16e6.txt.gz (default: found in sam3 or open_clip).")
     dtype: Literal["bfloat16", "float32"] = opt("bfloat16", "Autocast dtype on CUDA.")

@@ -7,6 +7,9 @@ How it differs from the reference system, which calls `set_image` + `set_text_pr
   batches: phrase i is grounding query i with `img_ids=0` and `text_ids=i` (`FindStage`), so the
   one encoded image serves every phrase. Batches hold at most `sam3_phrase_batch` phrases, which
   bounds GPU memory; a batch that runs out of memory is split in two and retried.
+- Order, because grounding is CPU-launch-bound (about 60 ms fixed per batch on an H100): text
+  first, then the backbone is queued and the grounding kernels are queued while the GPU still
+  runs it; nothing waits for the GPU until the scores are read (docs/PERFORMANCE.md).
 - A plan item's box becomes a positive box prompt for its phrase (the same geometric prompt that
   `Sam3Processor.add_geometric_prompt` builds); phrases with and without boxes are batched apart,
   so no query needs padded prompts.

@@ -119,3 +119,27 @@ def test_write_is_atomic_and_empty_is_fine(tmp_path: Path) -> None:
     assert info["written"] == 0
     assert len(read_splat_ply(tmp_path / "e.ply")) == 0
     assert [p.name for p in tmp_path.iterdir()] == ["e.ply"]  # no temporary left behind
+
+
+def test_multi_chunk_write_drops_nonfinite_rows_and_fixes_the_count(tmp_path: Path) -> None:
+    """Rows dropped in a later chunk: the zero-padded count in the header is rewritten in place."""
+    from pipeline.scene.ply import PLY_CHUNK
+
+    n = 2 * PLY_CHUNK + 5
+    rng = np.random.default_rng(3)
+    q = rng.normal(size=(n, 4)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    g = Gaussians(
+        rng.normal(size=(n, 3)).astype(np.float32), rng.normal(size=(n, 3)).astype(np.float32),
+        rng.uniform(0.05, 0.95, (n, 1)).astype(np.float32), rng.uniform(0.01, 0.1, (n, 3)).astype(np.float32), q,
+    )  # fmt: skip
+    bad = np.array([PLY_CHUNK + 7, 2 * PLY_CHUNK + 1])
+    g.xyz[bad[0], 1] = np.nan
+    g.scale[bad[1], 0] = 0.0  # log(0) = -inf
+    info = write_splat_ply(tmp_path / "c.ply", g)
+    assert info == {"written": n - 2, "dropped_nonfinite": 2}
+    back = read_splat_ply(tmp_path / "c.ply")
+    keep = np.setdiff1d(np.arange(n), bad)
+    assert len(back) == n - 2
+    np.testing.assert_allclose(back.xyz, g.xyz[keep], rtol=0, atol=0)
+    np.testing.assert_allclose(back.opacity, g.opacity[keep], rtol=1e-5)

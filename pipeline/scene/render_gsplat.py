@@ -49,7 +49,7 @@ def render(
     # Colours as gsplat computes them for SH degree 0: 0.5 + C0 * f_dc, clamped at 0.
     colors = np.maximum(0.5 + SH_C0 * g.features_dc, 0.0)
     with torch.no_grad():
-        image, _alpha, _meta = gsplat.rasterization(
+        image, alpha, _meta = gsplat.rasterization(
             means=t(g.xyz),
             quats=t(g.rotation),  # w first, as gsplat expects
             scales=t(g.scale),
@@ -61,10 +61,13 @@ def render(
             height=H,
             near_plane=0.01,
             eps2d=0.3,
-            backgrounds=t(np.asarray(background, np.float32))[None],
             rasterize_mode="classic",
         )
-    out = image[0].clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8).cpu().numpy()
+        # Background composited here: gsplat's `backgrounds` shape rules differ between its packed
+        # and unpacked paths and across versions; (1 - alpha) * background is the same everywhere.
+        bg = t(np.asarray(background, np.float32))
+        image = image[0] + (1.0 - alpha[0]) * bg
+    out = image.clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8).cpu().numpy()
     return out
 
 

@@ -28,3 +28,37 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _stand_in_servers() -> set[int]:
+    """PIDs of tests/fake_vllm.py processes (the stand-in vLLM the launcher tests start)."""
+    pids = set()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if b"fake_vllm.py" in (proc / "cmdline").read_bytes():
+                pids.add(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def pytest_sessionstart(session):
+    session.config._stand_ins_before = _stand_in_servers()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """No test may leave a server behind: leftovers are killed and fail the run."""
+    import os
+    import signal
+    import time
+
+    time.sleep(0.5)
+    left = _stand_in_servers() - getattr(session.config, "_stand_ins_before", set())
+    if left:
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        print(f"\nERROR: {len(left)} stand-in vLLM server(s) outlived the tests (pids {sorted(left)}); killed them.")
+        session.exitstatus = 1

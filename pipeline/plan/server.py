@@ -450,8 +450,11 @@ def _parent_death_signal() -> Any:
     except OSError:
         return None
     pr_set_pdeathsig = 1
+    parent = os.getpid()
 
     def set_pdeathsig() -> None:
         libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect: no signal will come
+            os._exit(1)
 
     return set_pdeathsig

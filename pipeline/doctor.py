@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.core.config import LifterConfig, SegmenterConfig, VLMServerConfig
+from pipeline.core.hub import hf_token
 from pipeline.selection import sam3d_root
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,13 +88,6 @@ def gpus() -> list[tuple[str, float]]:
     return result
 
 
-def hf_token_present() -> bool:
-    if os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN"):
-        return True
-    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
-    return (home / "token").is_file()
-
-
 def collect(seg: SegmenterConfig, lifter: LifterConfig, server: VLMServerConfig) -> list[Check]:
     checks: list[Check] = []
     conda = find_conda()
@@ -135,7 +129,7 @@ def collect(seg: SegmenterConfig, lifter: LifterConfig, server: VLMServerConfig)
         ok, msg = probe(sam3d_py, "import torch, sam3d_objects; assert sam3d_objects.__file__, 'namespace only'; print('sam3d_objects ok, torch', torch.__version__)")
         checks.append(Check("import sam3d_objects (sam3d-objects env)", ok, msg, "bash envs/setup.sh sam3d"))
 
-    token = hf_token_present()
+    token = hf_token() is not None
     checks.append(Check("HF token (gated weights)", token, "HF_TOKEN set or token file present" if token else "no HF_TOKEN", "export HF_TOKEN=hf_...  (create one at huggingface.co/settings/tokens; accept the model licences first)", required=not ckpt.is_file()))
 
     venv_py = ROOT / ".venv" / "bin" / "python"

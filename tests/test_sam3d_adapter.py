@@ -529,7 +529,7 @@ def test_interrupted_download_keeps_finished_files(hub_env):
 def test_gated_repo_says_accept_the_licence(hub_env):
     with FakeHub(_repo_files()) as hub:
         hub.gated = True
-        with pytest.raises(BackendError, match="no access to the gated.*accept the licence"):
+        with pytest.raises(BackendError, match="is gated.*accept the licence"):
             _download(hub, hub_env)
 
 

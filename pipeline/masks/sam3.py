@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ import numpy as np
 from pipeline.core.config import SegmenterConfig
 from pipeline.core.device import autocast_context, pick_device
 from pipeline.core.errors import BackendError, InputError, MissingDependencyError, missing_dependency
+from pipeline.core.hub import hf_token, hub_error
 from pipeline.core.types import ObjectMask, Plan, PlanItem
 
 log = logging.getLogger(__name__)
@@ -176,15 +176,6 @@ def resolve_bpe_path(explicit: Path | str | None = None) -> Path:
     )
 
 
-def _hf_error_types() -> dict[str, type]:
-    try:
-        from huggingface_hub import errors as hf_errors
-    except ImportError:  # huggingface_hub < 0.23 keeps them in utils
-        from huggingface_hub import utils as hf_errors  # type: ignore[no-redef]
-    names = ("GatedRepoError", "RepositoryNotFoundError", "EntryNotFoundError", "LocalEntryNotFoundError", "HfHubHTTPError")
-    return {n: getattr(hf_errors, n) for n in names if hasattr(hf_errors, n)}
-
-
 def download_sam3_checkpoint(repo_id: str = SAM3_HF_REPO, *, cache_dir: Path | None = None, endpoint: str | None = None) -> Path:
     """facebook/sam3's sam3.pt through huggingface_hub, authorised by HF_TOKEN (never an interactive
     login); resumable (the hub's cache). A gated, refused or unreachable repo -> BackendError with the fix."""
@@ -192,37 +183,18 @@ def download_sam3_checkpoint(repo_id: str = SAM3_HF_REPO, *, cache_dir: Path | N
         from huggingface_hub import hf_hub_download
     except ImportError:
         raise missing_dependency("huggingface_hub", "sam3", "pip install huggingface_hub") from None
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
-    errs = _hf_error_types()
-    access_fix = (
-        f"accept the licence on https://huggingface.co/{repo_id} with your account, create a read token and "
-        "`export HF_TOKEN=hf_...`, or download sam3.pt yourself and pass --sam3-checkpoint PATH."
-    )
+    token = hf_token()
     try:
         hf_hub_download(repo_id=repo_id, filename=SAM3_HF_CONFIG, token=token, cache_dir=cache_dir, endpoint=endpoint)
         return Path(hf_hub_download(repo_id=repo_id, filename=SAM3_HF_CHECKPOINT, token=token, cache_dir=cache_dir, endpoint=endpoint))
-    except Exception as exc:  # mapped to one clear line below; anything else is re-raised
-        who = "with HF_TOKEN" if token else "without HF_TOKEN (it is not set)"
-        if "GatedRepoError" in errs and isinstance(exc, errs["GatedRepoError"]):
-            raise BackendError(f"{repo_id} is a gated repo and the request {who} was refused.", access_fix) from None
-        if "RepositoryNotFoundError" in errs and isinstance(exc, errs["RepositoryNotFoundError"]):
-            raise BackendError(f"{repo_id} was not found or not accessible {who} (401/404).", access_fix) from None
-        if "LocalEntryNotFoundError" in errs and isinstance(exc, errs["LocalEntryNotFoundError"]):
-            raise BackendError(
-                f"could not download {repo_id}/{SAM3_HF_CHECKPOINT}: the hub is unreachable and it is not in the cache.",
-                "connect to the internet once (HF_TOKEN set), or pass --sam3-checkpoint PATH.",
-            ) from None
-        if "EntryNotFoundError" in errs and isinstance(exc, errs["EntryNotFoundError"]):
-            raise BackendError(
-                f"{repo_id} has no {SAM3_HF_CHECKPOINT}.", "pass --sam3-checkpoint PATH to a SAM3 image checkpoint."
-            ) from None
-        if "HfHubHTTPError" in errs and isinstance(exc, errs["HfHubHTTPError"]):
-            status = getattr(getattr(exc, "response", None), "status_code", None)
-            if status in (401, 403):
-                raise BackendError(f"Hugging Face refused the download of {repo_id} {who} (HTTP {status}).", access_fix) from None
-            raise BackendError(
-                f"downloading {repo_id} failed: HTTP {status}.", "try again later, or pass --sam3-checkpoint PATH."
-            ) from None
+    except Exception as exc:  # mapped to one clear line; anything else is re-raised
+        from huggingface_hub import errors as hf_errors
+
+        if isinstance(exc, getattr(hf_errors, "EntryNotFoundError", ())) and not isinstance(exc, getattr(hf_errors, "LocalEntryNotFoundError", ())):
+            raise BackendError(f"{repo_id} has no {SAM3_HF_CHECKPOINT}.", "pass --sam3-checkpoint PATH to a SAM3 image checkpoint.") from None
+        mapped = hub_error(exc, repo_id, alternative="download sam3.pt yourself and pass --sam3-checkpoint PATH")
+        if mapped is not None:
+            raise mapped from None
         raise
 
 

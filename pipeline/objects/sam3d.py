@@ -30,6 +30,7 @@ import numpy as np
 
 from pipeline.core.config import LifterConfig
 from pipeline.core.errors import BackendError, InputError, MissingDependencyError, PipelineError
+from pipeline.core.hub import hf_token, hub_error
 from pipeline.core.types import Gaussians, ObjectGaussians, ObjectMask, Pose
 
 HF_REPO_ID = "facebook/sam-3d-objects"
@@ -74,17 +75,8 @@ def checkpoint_dir(root: Path, tag: str) -> Path:
 
 
 def _hf_token(token: str | None) -> str | None:
-    """An explicit token, else HF_TOKEN, else a token saved by an earlier `hf auth login` (never prompts)."""
-    if token:
-        return token
-    if os.environ.get("HF_TOKEN"):
-        return os.environ["HF_TOKEN"]
-    try:
-        from huggingface_hub import get_token
-
-        return get_token()
-    except Exception:  # older hubs have no get_token; a missing token is reported by the caller
-        return None
+    """An explicit token, else HF_TOKEN or a saved login token (never prompts)."""
+    return token or hf_token()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,24 +118,6 @@ def file_matches(path: Path, remote: RemoteFile) -> str | None:
     return None
 
 
-def _access_error(exc: BaseException, repo_id: str) -> PipelineError | None:
-    """Hub errors that mean 'no access' or 'no such repo', as one-line errors; None for others."""
-    from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError
-
-    url = f"https://huggingface.co/{repo_id}"
-    if isinstance(exc, GatedRepoError):
-        return BackendError(
-            f"no access to the gated Hugging Face repo {repo_id} with this token.",
-            f"accept the licence on {url} with the account of your token, then export HF_TOKEN=hf_... again.",
-        )
-    if isinstance(exc, RepositoryNotFoundError):
-        return BackendError(
-            f"Hugging Face refused {repo_id} (not found or not authorised; the token may be invalid).",
-            f"check HF_TOKEN (a read token of an account that accepted the licence on {url}).",
-        )
-    return None
-
-
 def list_remote_checkpoints(repo_id: str, token: str | None, endpoint: str | None = None) -> list[RemoteFile]:
     """Files under checkpoints/ in the repo, with sizes and checksums (one metadata request)."""
     from huggingface_hub import HfApi
@@ -151,7 +125,7 @@ def list_remote_checkpoints(repo_id: str, token: str | None, endpoint: str | Non
     try:
         info = HfApi(endpoint=endpoint, token=token).model_info(repo_id, files_metadata=True)
     except Exception as exc:
-        raise _access_error(exc, repo_id) or BackendError(
+        raise hub_error(exc, repo_id) or BackendError(
             f"could not list the files of {repo_id}: {_short(exc)}", "check the network (or HF_ENDPOINT) and try again; finished files are kept."
         ) from exc
     files = []
@@ -246,7 +220,7 @@ def _fetch_verified(fetch: Callable[[str, bool], Path], remote: RemoteFile, repo
         try:
             path = fetch(remote.name, force)
         except Exception as exc:
-            access = _access_error(exc, repo_id) if _hub_installed() else None
+            access = hub_error(exc, repo_id) if _hub_installed() else None
             if access is not None:
                 raise access from exc
             if _is_consistency_error(exc) and not force:

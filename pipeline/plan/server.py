@@ -28,6 +28,7 @@ from typing import Any
 
 from pipeline.core.config import VLMServerConfig
 from pipeline.core.errors import BackendError, InputError, missing_dependency
+from pipeline.core.hub import hf_token, hub_error
 
 HOST = "127.0.0.1"
 DEFAULT_SERVED_NAME = "qwen3-vl-8b-thinking"
@@ -71,35 +72,16 @@ def resolve_model(model_id: str, models_dir: Path | None = None, *, endpoint: st
         raise missing_dependency("huggingface_hub", "vllm", "pip install huggingface_hub") from exc
     local_dir = Path(models_dir).expanduser() / model_id.replace("/", "--") if models_dir else None
     print(f"[serve-vlm] fetching {model_id} (resumable) into {local_dir or 'the Hugging Face cache'}", file=sys.stderr)
-    licence_fix = (
-        f"accept the licence on https://huggingface.co/{model_id} with your account, create a read token at "
-        "https://huggingface.co/settings/tokens and `export HF_TOKEN=...` (no interactive login is needed)."
-    )
     try:
         path = huggingface_hub.snapshot_download(
             model_id,
             local_dir=local_dir,
-            token=os.environ.get("HF_TOKEN") or None,
+            token=hf_token(),
             allow_patterns=MODEL_FILE_PATTERNS,
             endpoint=endpoint,
         )
-    except hf_errors.GatedRepoError as exc:
-        raise BackendError(f"The model {model_id} is gated and this account or token may not download it yet.", licence_fix) from exc
-    except hf_errors.RepositoryNotFoundError as exc:
-        raise BackendError(
-            f"The model {model_id} was not found on Hugging Face, or it is private and HF_TOKEN is missing or refused.",
-            "check the id (e.g. Qwen/Qwen3-VL-8B-Thinking); for a private or gated model " + licence_fix,
-        ) from exc
-    except hf_errors.LocalEntryNotFoundError as exc:
-        raise BackendError(
-            f"Cannot download {model_id}: Hugging Face is unreachable and no complete copy is cached.",
-            "connect to the internet (or unset HF_HUB_OFFLINE), or pass --vlm-model-id with a local model folder.",
-        ) from exc
-    except hf_errors.HfHubHTTPError as exc:
-        status = getattr(getattr(exc, "response", None), "status_code", None)
-        if status in (401, 403):
-            raise BackendError(f"Hugging Face refused the download of {model_id} (HTTP {status}).", licence_fix) from exc
-        raise BackendError(
+    except (hf_errors.HfHubHTTPError, hf_errors.LocalEntryNotFoundError) as exc:
+        raise hub_error(exc, model_id, alternative="pass --vlm-model-id with a downloaded model folder") or BackendError(
             f"Downloading {model_id} failed ({' '.join(str(exc).split())[:160]}).", "run again: the download resumes where it stopped."
         ) from exc
     except OSError as exc:

@@ -126,13 +126,7 @@ def test_multi_chunk_write_drops_nonfinite_rows_and_fixes_the_count(tmp_path: Pa
     from pipeline.scene.ply import PLY_CHUNK
 
     n = 2 * PLY_CHUNK + 5
-    rng = np.random.default_rng(3)
-    q = rng.normal(size=(n, 4)).astype(np.float32)
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
-    g = Gaussians(
-        rng.normal(size=(n, 3)).astype(np.float32), rng.normal(size=(n, 3)).astype(np.float32),
-        rng.uniform(0.05, 0.95, (n, 1)).astype(np.float32), rng.uniform(0.01, 0.1, (n, 3)).astype(np.float32), q,
-    )  # fmt: skip
+    g = random_gaussians(n, seed=3)
     bad = np.array([PLY_CHUNK + 7, 2 * PLY_CHUNK + 1])
     g.xyz[bad[0], 1] = np.nan
     g.scale[bad[1], 0] = 0.0  # log(0) = -inf

@@ -41,7 +41,7 @@ from pipeline.core.config import SegmenterConfig
 from pipeline.core.device import autocast_context, pick_device
 from pipeline.core.errors import BackendError, InputError, MissingDependencyError, missing_dependency
 from pipeline.core.hub import hf_token, hub_error
-from pipeline.core.types import ObjectMask, Plan, PlanItem
+from pipeline.core.types import ObjectMask, Plan, PlanItem, require_rgb_image
 
 log = logging.getLogger(__name__)
 
@@ -361,7 +361,7 @@ class Sam3Segmenter:
         import torch
 
         self.load()
-        image = _check_image(image)
+        image = require_rgb_image(image, "SAM3")
         # (3, H, W) uint8 view of the (H, W, 3) array (no CPU copy): Sam3Processor.set_image reads
         # H, W from the last two axes, moves it to the GPU and resizes there (cheap for 12 MP).
         chw = torch.from_numpy(image).permute(2, 0, 1)
@@ -497,7 +497,7 @@ class Sam3Segmenter:
                 "use the VLM planner, give --box x0,y0,x1,y1[,label], or use --segmenter classical.",
             )
         self.load()
-        image = _check_image(image)
+        image = require_rgb_image(image, "SAM3")
         height, width = image.shape[:2]
         timings: dict[str, float] = {}
         phrases, boxes, warnings = _prompts(items, width, height)
@@ -582,16 +582,6 @@ class Sam3Segmenter:
 # --------------------------------------------------------------------------------------------
 # Helpers.
 # --------------------------------------------------------------------------------------------
-
-
-def _check_image(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise InputError(
-            f"SAM3 needs an (H, W, 3) uint8 RGB photo, got {image.shape} {image.dtype}.",
-            "load the photo with pipeline.image.load.load_photo.",
-        )
-    return image
 
 
 def _prompts(items: list[PlanItem], width: int, height: int) -> tuple[list[str], list, list[str]]:

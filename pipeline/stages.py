@@ -122,9 +122,23 @@ class Stage1:
             return
         from pipeline.plan.server import VLLMServer
 
-        with VLLMServer(self.cfg.server, paths.logs_dir / "vllm.log", served_model_name=self.cfg.planner.vlm_model) as server:
-            self.log(f"vLLM ready at {server.url} (log: {paths.logs_dir / 'vllm.log'})")
-            yield VLMPlanner(self.cfg.planner, url=server.url, api_key=server.api_key, model=server.model_name, seed=self.cfg.run.seed)
+        log_path = paths.logs_dir / "vllm.log"
+        with VLLMServer(self.cfg.server, log_path, served_model_name=self.cfg.planner.vlm_model) as server:
+            self.log(f"vLLM ready at {server.url} (log: {log_path})")
+            try:
+                yield VLMPlanner(self.cfg.planner, url=server.url, api_key=server.api_key, model=server.model_name, seed=self.cfg.run.seed)
+            except BackendError as exc:
+                if server.alive():
+                    raise
+                # The request failed because the server died: say that, not "unreachable".
+                from pipeline.plan.server import read_log_tail
+
+                code = server.process.returncode if server.process is not None else None
+                last = next((line for line in reversed(read_log_tail(log_path)) if line.strip()), "")
+                raise BackendError(
+                    f"vLLM exited during stage 1 (exit code {code}); its last log line: {last.strip()[:200]}",
+                    f"see {log_path}; if it ran out of GPU memory, lower --gpu-memory-utilization or --max-model-len.",
+                ) from exc
 
     def input_key(self, image_sha: str) -> str:
         c = self.cfg

@@ -9,6 +9,7 @@ Behaviour switches (environment):
   FAKE_VLLM_WORKER        1: start a worker process in the same group, like vLLM's engine core
   FAKE_VLLM_PIDFILE       write "<server pid> <worker pid>" here
   FAKE_VLLM_REPLY_FILE    a JSON list of chat answers (strings) to replay, in order (the last one repeats)
+  FAKE_VLLM_DIE_ON_CHAT   1: exit (code 3, a CUDA error in the log) on the first chat request, mid-run
 """
 
 from __future__ import annotations
@@ -96,6 +97,13 @@ def main(argv: list[str]) -> int:
         replies=replies,
         api_key=args.api_key or os.environ.get("VLLM_API_KEY"), model=args.served_model_name or args.model, host=host, port=args.port
     )
+    if os.environ.get("FAKE_VLLM_DIE_ON_CHAT") == "1":
+
+        def die(body: dict) -> Reply:
+            print("RuntimeError: CUDA error: an illegal memory access was encountered", flush=True)
+            os._exit(3)
+
+        server.next_reply = die  # type: ignore[method-assign]
     log(f"Uvicorn running on http://{host}:{args.port} (Press CTRL+C to quit)")
     try:
         server.serve_forever()

@@ -112,3 +112,20 @@ def test_query_mode_keeps_only_what_the_vlm_confirms(demo: Path, tmp_path: Path)
     assert len(masks) == 1 and masks[0]["label"] == boxes[1]["phrase"]
     plan = json.loads((run / "stage1/plan.json").read_text())
     assert plan["verification"]["kept"] == [1]
+
+
+def test_vllm_dying_mid_run_is_named_and_leaves_no_masks(demo: Path, tmp_path: Path):
+    wrapper = tmp_path / "vllm"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "tests" / "fake_vllm.py"}" "$@"\n')
+    wrapper.chmod(0o755)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    run = tmp_path / "run"
+    proc = _run("stage1", "--image", demo / "image.png", "--out", run, "--planner", "vlm", "--segmenter", "classical",
+                "--vllm-command", wrapper, "--vlm-model-id", model, "--ready-timeout", "60", "--no-progress",
+                env={"FAKE_VLLM_DIE_ON_CHAT": "1", "FAKE_VLLM_PIDFILE": str(tmp_path / "pid")})
+    assert proc.returncode == 4, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "vLLM exited during stage 1 (exit code 3)" in errors[0] and "illegal memory access" in errors[0]
+    assert not (run / "masks").exists()

@@ -70,10 +70,14 @@ python_ok() {  # python >= 3.10?
 
 # Create the light venv and install its requirements once (re-run when requirements change).
 ensure_venv() {
-  local req="$SAM3DGS_ROOT/envs/requirements-lite.txt" extra="${1:-}" stamp want py
-  want="$(cat "$req" ${extra:+"$extra"} | sha256sum | cut -c1-16)"
+  local req="$SAM3DGS_ROOT/envs/requirements-lite.txt" extra="${1:-}" stamp py f missing=0
+  # The stamp lists a hash per requirements file installed, so the demo after the tests (or the
+  # other way round) does not reinstall anything.
   stamp="$SAM3DGS_VENV/.sam3d-gs-requirements"
-  if [ -x "$SAM3DGS_VENV/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then return 0; fi
+  for f in "$req" ${extra:+"$extra"}; do
+    grep -qx "$(sha256sum "$f" | cut -c1-16)" "$stamp" 2>/dev/null || missing=1
+  done
+  if [ -x "$SAM3DGS_VENV/bin/python" ] && [ "$missing" = 0 ]; then link_project_into_venv; return 0; fi
   py="${SAM3DGS_PYTHON:-$(command -v python3 || command -v python)}"
   [ -n "$py" ] || die "no python3 found. Install Python 3.10+ and re-run." 3
   python_ok "$py" || die "$py is older than Python 3.10. Install Python 3.10+ or set SAM3DGS_PYTHON." 3
@@ -88,7 +92,19 @@ ensure_venv() {
   "$SAM3DGS_VENV/bin/python" -m pip install --disable-pip-version-check ${SAM3DGS_PIP_ARGS:-} \
       -r "$req" ${extra:+-r "$extra"} >>"$log" 2>&1 \
     || die "installing the light requirements failed: see $log (last line: $(tail -n 1 "$log"))." 3
-  echo "$want" >"$stamp"
+  for f in "$req" ${extra:+"$extra"}; do sha256sum "$f" | cut -c1-16; done >>"$stamp"
+  link_project_into_venv
+}
+
+# Make `import pipeline` work in the venv from any folder: a .pth file naming this checkout
+# (the offline equivalent of an editable install).
+link_project_into_venv() {
+  "$SAM3DGS_VENV/bin/python" - "$SAM3DGS_ROOT" <<'PY' || die "could not link the project into $SAM3DGS_VENV." 3
+import pathlib, sys, sysconfig
+pth = pathlib.Path(sysconfig.get_paths()["purelib"]) / "sam3d_gs.pth"
+if not pth.exists() or pth.read_text().strip() != sys.argv[1]:
+    pth.write_text(sys.argv[1] + "\n")
+PY
 }
 
 # Sets STAGE_PY (an argv array) to run python in the env of a stage: sam3 | sam3d | any.

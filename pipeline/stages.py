@@ -77,15 +77,32 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def prepare_input(paths: RunPaths, image_path: Path) -> tuple[np.ndarray, str]:
-    """Normalize the photo into <run>/input/image.png; returns (rgb, sha256 of the original file)."""
+def pixels_sha256(rgb: np.ndarray) -> str:
+    """Identity of a photo for resume keys: its normalized pixels, so the original file and the run's
+    own input/image.png count as the same photo."""
+    h = hashlib.sha256(f"{rgb.shape}".encode())
+    h.update(np.ascontiguousarray(rgb).data)
+    return h.hexdigest()
+
+
+def prepare_input(paths: RunPaths, image_path: Path) -> tuple[np.ndarray, str, dict[str, Any]]:
+    """Normalize the photo into <run>/input/image.png.
+
+    Returns (rgb, pixel sha256 for resume keys, the run.json record of the photo). The record names
+    the original file and its sha256; for the run's own input/image.png it is the one already there.
+    """
     from pipeline.image.load import load_photo, save_png
 
     rgb = load_photo(image_path)
-    sha = sha256_file(image_path)
-    if not paths.input_image.exists() or Path(image_path).resolve() != paths.input_image.resolve():
+    pixels = pixels_sha256(rgb)
+    own = paths.input_image.exists() and Path(image_path).resolve() == paths.input_image.resolve()
+    previous = Manifest(paths).data.get("inputs", {}).get("image", {})
+    if own and previous.get("pixels_sha256") == pixels:
+        return rgb, pixels, previous
+    record = {"path": str(image_path), "sha256": sha256_file(image_path), "pixels_sha256": pixels, "width": rgb.shape[1], "height": rgb.shape[0]}
+    if not own:
         save_png(paths.input_image, rgb)
-    return rgb, sha
+    return rgb, pixels, record
 
 
 class Stage1:
@@ -150,11 +167,11 @@ class Stage1:
         clean_stale_temporaries(paths.root)
         manifest = Manifest(paths)
         t0 = time.perf_counter()
-        image, sha = prepare_input(paths, Path(image_path))
+        image, sha, image_record = prepare_input(paths, Path(image_path))
         h, w = image.shape[:2]
         key = self.input_key(sha)
         manifest.update(
-            inputs={"image": {"path": str(image_path), "sha256": sha, "width": w, "height": h}},
+            inputs={"image": image_record},
             config=self.cfg.record(),
             backends=self.choice.record(),
             versions=versions(),
@@ -196,7 +213,7 @@ class Stage1:
         from pipeline.masks.store import write_masks
 
         seg_report = getattr(self._segmenter, "last_report", None)
-        written = write_masks(paths.masks_dir, image, masks, image_sha256=sha, meta={"input_key": key, "segmenter": self.choice.segmenter, "planner": self.choice.planner, "segmenter_report": seg_report})
+        written = write_masks(paths.masks_dir, image, masks, image_sha256=image_record["sha256"], meta={"input_key": key, "segmenter": self.choice.segmenter, "planner": self.choice.planner, "segmenter_report": seg_report})
         timings["total"] = time.perf_counter() - t0
         manifest.update(
             timings={f"stage1.{k}": round(v, 4) for k, v in timings.items()},
@@ -278,10 +295,11 @@ class Stage2:
             if not paths.input_image.exists():
                 raise InputError(f"{paths.root} has no input/image.png and no --image was given.", "pass --image PHOTO.")
             image_path = paths.input_image
-        image, sha = prepare_input(paths, Path(image_path))
-        masks = self.load_masks(paths, image, sha, Path(image_path), masks_path)
+        image, sha, image_record = prepare_input(paths, Path(image_path))
+        masks = self.load_masks(paths, image, image_record["sha256"], Path(image_path), masks_path)
+        self._drop_stale_objects(paths, manifest, {m.id for m in masks})
         manifest.update(
-            inputs={"image": {"path": str(image_path), "sha256": sha, "width": image.shape[1], "height": image.shape[0]}},
+            inputs={"image": image_record},
             config=self.cfg.record(),
             backends={"lifter": self.choice.lifter, "reasons": {**manifest.data.get("backends", {}).get("reasons", {}), "lifter": self.choice.reasons.get("lifter", "")}},
             versions=versions(),
@@ -318,6 +336,7 @@ class Stage2:
             except Exception as exc:  # one object failing never loses the others
                 status.update(status="failed", error=_one_line(exc))
                 self.log(f"stage 2: {m.id} failed: {status['error']}")
+                _remove_outputs(paths.object_dir(m.id))  # an earlier run's files must not pass for this one
             status["seconds"] = round(time.perf_counter() - t, 3)
             write_json_atomic(paths.object_dir(m.id) / "status.json", status)
             results[m.id] = status
@@ -335,6 +354,18 @@ class Stage2:
         manifest.update(timings=timings)
         export_summary = self.export(paths, manifest)
         return {"objects": results, "export": export_summary}
+
+    def _drop_stale_objects(self, paths: RunPaths, manifest: Manifest, current: set[str]) -> None:
+        """Objects of an earlier masks/ that the current one no longer has would end up in the scene."""
+        import shutil
+
+        if not paths.objects_dir.is_dir():
+            return
+        for d in sorted(paths.objects_dir.iterdir()):
+            if d.is_dir() and d.name.startswith("obj_") and d.name not in current:
+                shutil.rmtree(d)
+                manifest.data.get("objects", {}).pop(d.name, None)
+                self.log(f"stage 2: removed {d.relative_to(paths.root)} (not in the current masks/)")
 
     def export(self, paths: RunPaths, manifest: Manifest) -> dict[str, Any]:
         from pipeline.scene.export import export_run
@@ -363,6 +394,14 @@ def _lift_with_retry(lifter, context, m: ObjectMask, seed: int):
     except (MemoryError, RuntimeError, BackendError):
         lifter.release()
         return lifter.lift(context, m, seed=seed)
+
+
+OBJECT_OUTPUTS = ("gaussians.pt", "mesh.glb", "object.ply", "object.splat", "turntable.gif")
+
+
+def _remove_outputs(obj_dir: Path) -> None:
+    for name in OBJECT_OUTPUTS:
+        (obj_dir / name).unlink(missing_ok=True)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -90,6 +90,30 @@ def test_rerun_skips_done_objects_and_force_redoes_them(demo_run: Path, tmp_path
     assert pt.stat().st_mtime_ns != before
 
 
+def test_stage2_without_image_reuses_the_run_photo_and_its_done_objects(demo_run: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run)
+    before = json.loads((run / "run.json").read_text())["inputs"]["image"]
+    proc = pipeline_cmd("stage2", "--out", run, "--profile", "lite", *FAST)
+    assert proc.returncode == 0, proc.stderr
+    assert "5 objects already done" in proc.stderr
+    assert json.loads((run / "run.json").read_text())["inputs"]["image"] == before
+
+
+def test_objects_no_longer_in_masks_are_removed(demo_run: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run)
+    flat = tmp_path / "three"
+    _write_flat_layout(demo_run, flat)
+    for extra in ("3.png", "4.png"):
+        (flat / extra).unlink()
+    proc = pipeline_cmd("stage2", "--image", run / "input/image.png", "--masks", flat, "--out", run, "--profile", "lite", *FAST)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (run / "objects").iterdir()) == ["obj_001", "obj_002", "obj_003"]
+    assert set(json.loads((run / "run.json").read_text())["objects"]) == {"obj_001", "obj_002", "obj_003"}
+    assert json.loads((run / "run.json").read_text())["export"]["scene"]["n_objects"] == 3
+
+
 def test_killed_run_continues_where_it_stopped(demo_run: Path, tmp_path: Path):
     run = tmp_path / "run"
     shutil.copytree(demo_run, run)

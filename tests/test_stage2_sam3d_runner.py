@@ -60,15 +60,22 @@ def test_failing_object_is_recorded_and_the_rest_are_done(tmp_path: Path):
     first = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), str(standin)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=180)
     assert first.returncode == 0, first.stderr
     area = json.loads(first.stdout.strip().splitlines()[-1])["area"]
-    env["SAM3D_STANDIN_FAIL_AREA"] = str(area)  # obj_002 fails every time (CUDA OOM-like error)
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-c", SCRIPT2, str(run), str(standin)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=180)
+    ok = subprocess.run([sys.executable, "-c", SCRIPT2, str(run), str(standin)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=180)
+    assert ok.returncode == 0, ok.stderr
+    assert (run / "objects/obj_002/gaussians.pt").is_file()
+    env["SAM3D_STANDIN_FAIL_AREA"] = str(area)  # now obj_002 fails every time (CUDA OOM-like error)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT2.replace("progress=False)", "progress=False, force=True)", 1), str(run), str(standin)],
+                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=180)
     assert proc.returncode == 1, proc.stderr
     manifest = json.loads((run / "run.json").read_text())
     objects = manifest["objects"]
     assert objects["obj_002"]["status"] == "failed" and "memory" in objects["obj_002"]["error"].lower()
     assert all(o["status"] == "done" for oid, o in objects.items() if oid != "obj_002")
     assert manifest["stats"]["pointmap_computations"] == 1
+    # The earlier run's files of the failed object are gone, so the scene cannot show stale geometry.
     assert (run / "objects/obj_001/gaussians.pt").is_file() and not (run / "objects/obj_002/gaussians.pt").exists()
+    assert not (run / "objects/obj_002/object.ply").exists()
+    assert manifest["export"]["scene"]["n_objects"] == len(objects) - 1
     assert (run / "scene/scene.ply").is_file()
     assert "obj_002" in proc.stderr

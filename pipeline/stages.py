@@ -193,6 +193,8 @@ class Stage1:
             else:
                 plan = Plan(items=boxes, mode="none", query=self.cfg.planner.prompt)
             timings["plan"] = time.perf_counter() - t
+            # Kept now: a segmenter failure below must not lose minutes of VLM thinking.
+            self._write_plan(paths, plan, planner)
             if not self.cfg.planner.prompt:
                 # Scene mode needs the VLM no more: stop vLLM now so SAM3 gets its GPU memory.
                 server_scope.close()
@@ -204,7 +206,7 @@ class Stage1:
                 keep = set(planner.verify(image, masks, self.cfg.planner.prompt))
                 masks = [m for i, m in enumerate(masks) if i in keep]
                 timings["verify"] = time.perf_counter() - t
-        self._write_plan(paths, plan, planner)
+                self._write_plan(paths, plan, planner)  # now with the verification
         if not masks:
             raise InputError(
                 "stage 1 found no objects in the photo; nothing was written to masks/.",

@@ -35,6 +35,7 @@ class Reply:
     delay: float = 0.0
     drop_connection: bool = False
     raw_body: bytes | None = None  # sent as is (e.g. an HTML error page) with status
+    raw_content_type: str = "text/html"
     reject_json_schema: bool = False  # answer 400 while the request carries response_format json_schema
 
     @staticmethod
@@ -213,7 +214,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if reply.raw_body is not None:
             self.send_response(reply.status)
-            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Type", reply.raw_content_type)
             self.send_header("Content-Length", str(len(reply.raw_body)))
             self.end_headers()
             self.wfile.write(reply.raw_body)

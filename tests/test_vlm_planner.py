@@ -202,6 +202,23 @@ def test_non_json_http_body(photo: np.ndarray) -> None:
     assert "not an OpenAI chat completion" in str(info.value) and "/v1" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"id": "x", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assis',  # cut off
+        b'{"id": "x", "object": "chat.completion", "model": "m", "created": 0, "choices": {"0": 1}}',  # choices not a list
+        b'{"id": "x", "object": "chat.completion", "model": "m", "created": 0, "choices": [{"index": 0, "finish_reason": "stop", '
+        b'"message": {"role": "assistant", "content": 42}}]}',  # content not text
+    ],
+)
+def test_malformed_json_completion_is_one_clear_error(photo: np.ndarray, body: bytes) -> None:
+    """A 200 answer with a JSON content type that is not a usable completion: BackendError, not a traceback."""
+    with FakeOpenAIServer([Reply(raw_body=body, status=200, raw_content_type="application/json")], api_key=KEY) as server:
+        with pytest.raises(BackendError) as info:
+            planner(server).plan(photo)
+    assert "not an OpenAI chat completion" in str(info.value)
+
+
 def test_unreadable_answer_raises_with_the_plan(photo: np.ndarray) -> None:
     with FakeOpenAIServer([Reply.fixture("broken_garbage")], api_key=KEY) as server:
         with pytest.raises(VLMAnswerError) as info:

@@ -189,13 +189,16 @@ def test_sigterm_ignored_escalates_to_sigkill(fake: dict, monkeypatch: pytest.Mo
     assert gone_soon(leader, 2.0) and srv.process is not None and srv.process.returncode == -signal.SIGKILL
 
 
-def test_keep_server_leaves_it_running(fake: dict) -> None:
+def test_keep_server_leaves_it_running(fake: dict, capsys: pytest.CaptureFixture[str]) -> None:
     srv = server(fake, keep_server=True)
     with srv:
         pass
     leader = pids(fake)[0]
     try:
-        assert alive(leader) and get(f"{srv.url}/models", srv.api_key) == 200
+        # The printed line is all a later run needs to reuse the server (the key is generated).
+        line = next(x for x in capsys.readouterr().err.splitlines() if "export SAM3DGS_VLM_URL=" in x)
+        printed = dict(kv.split("=", 1) for kv in line.split("export ", 1)[1].split())
+        assert alive(leader) and get(f"{printed['SAM3DGS_VLM_URL']}/models", printed["SAM3DGS_VLM_API_KEY"]) == 200
     finally:
         os.killpg(leader, signal.SIGKILL)
         srv.process.wait(timeout=5)  # type: ignore[union-attr]

@@ -47,7 +47,7 @@ class PlannerConfig:
         "auto", "vlm: ask an OpenAI-compatible VLM; none: no planner (the classical segmenter finds objects itself)."
     )
     prompt: str | None = opt(None, "Query mode: only segment what this text asks for, e.g. 'the two mugs left of the laptop'.")
-    vlm_url: str | None = opt(None, "Base URL of a running OpenAI-compatible server (…/v1); skips starting vLLM.", env="SAM3DGS_VLM_URL")
+    vlm_url: str | None = opt(None, "Base URL of a running OpenAI-compatible server (…/v1); skips starting vLLM.", env="SAM3DGS_VLM_URL", url=True)
     vlm_model: str = opt("qwen3-vl-8b-thinking", "Model name to request from the server (vLLM's --served-model-name).", env="SAM3DGS_VLM_MODEL")
     vlm_api_key: str | None = opt(None, "API key for the VLM server.", env="SAM3DGS_VLM_API_KEY", secret=True)
     vlm_timeout: float = opt(300.0, "Seconds to wait for one VLM answer.")
@@ -127,6 +127,14 @@ def env_default(f: dataclasses.Field) -> Any:
     return None
 
 
+def display_url(url: str) -> str:
+    """The URL without a user:password part, query or fragment (where keys hide), for messages and records."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, "", ""))
+
+
 def to_record(cfg: Any) -> dict[str, Any]:
     """A config as a JSON-able dict for run.json, with secrets redacted."""
     out: dict[str, Any] = {}
@@ -134,6 +142,8 @@ def to_record(cfg: Any) -> dict[str, Any]:
         value = getattr(cfg, f.name)
         if f.metadata.get("secret") and value:
             value = "<redacted>"
+        elif f.metadata.get("url") and value:
+            value = display_url(value)
         elif isinstance(value, Path):
             value = str(value)
         out[f.name] = value

@@ -195,6 +195,8 @@ class VLLMServer:
 
     def start(self) -> VLLMServer:
         cfg = self.cfg
+        # The model first: a download can take long enough for a port picked earlier to be taken.
+        self.model_path = resolve_model(cfg.vlm_model_id, cfg.models_dir)
         if cfg.vlm_port:
             if not port_is_free(cfg.vlm_port):
                 raise BackendError(
@@ -205,7 +207,6 @@ class VLLMServer:
             self.port = cfg.vlm_port
         else:
             self.port = pick_free_port()
-        self.model_path = resolve_model(cfg.vlm_model_id, cfg.models_dir)
         argv = self.argv(self.model_path)
         env = dict(os.environ)
         env["VLLM_API_KEY"] = self.api_key
@@ -322,7 +323,9 @@ class VLLMServer:
     def __exit__(self, *exc: object) -> None:
         if self.cfg.keep_server and self.alive():
             print(
-                f"[serve-vlm] leaving vLLM running (--keep-server): pid {self.pid}, {self.url}; stop it with: kill -TERM -- -{self.pid}",
+                f"[serve-vlm] leaving vLLM running (--keep-server): pid {self.pid}, {self.url}; stop it with: kill -TERM -- -{self.pid}\n"
+                f"[serve-vlm] reuse it with: export SAM3DGS_VLM_URL={self.url} SAM3DGS_VLM_API_KEY={self.api_key} "
+                f"SAM3DGS_VLM_MODEL={self.model_name}",
                 file=sys.stderr,
             )
             return

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.core.config import PlannerConfig
+from pipeline.core.config import PlannerConfig, display_url
 from pipeline.core.errors import BackendError, InputError, missing_dependency
 from pipeline.core.types import ObjectMask, Plan, PlanItem
 from pipeline.plan.parse import (
@@ -155,7 +155,8 @@ class VLMPlanner:
                 "pass --vlm-url http://HOST:PORT/v1 (or env SAM3DGS_VLM_URL), or let the pipeline start vLLM.",
             )
         self.url = normalize_base_url(raw_url)
-        self.api_key = api_key or cfg.vlm_api_key or os.environ.get("SAM3DGS_VLM_API_KEY") or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+        # Never OPENAI_API_KEY: a user's OpenAI key must not be sent to an arbitrary --vlm-url.
+        self.api_key = api_key or cfg.vlm_api_key or os.environ.get("SAM3DGS_VLM_API_KEY") or "EMPTY"
         self.model = model or cfg.vlm_model
         self.seed = seed
         self.retry_delays = tuple(retry_delays)
@@ -346,39 +347,42 @@ class VLMPlanner:
                         time.sleep(self.retry_delays[failures - 1])
                         continue
                 raise self._status_error(exc, attempts) from exc
-            except openai.APIError as exc:
-                raise BackendError(
-                    f"The VLM server at {display_url(self.url)} sent something that is not an OpenAI chat "
-                    f"completion ({_one_line(str(exc), 120)}).",
-                    "check that --vlm-url points at an OpenAI-compatible API (it usually ends in /v1).",
-                ) from exc
+            except (openai.APIError, ValueError, TypeError, KeyError, AttributeError) as exc:
+                # ValueError & co.: a 200 answer whose body the client could not read (cut-off JSON).
+                raise self._not_a_completion(exc) from exc
         seconds = time.monotonic() - started
-        if not hasattr(response, "choices"):
-            raise BackendError(
-                f"The VLM server at {display_url(self.url)} sent something that is not an OpenAI chat completion "
-                f"({_one_line(str(response), 80)!r}).",
-                "check that --vlm-url points at an OpenAI-compatible API (it usually ends in /v1).",
-            )
-        choices = response.choices or []
-        if not choices or getattr(choices[0], "message", None) is None:
-            raise VLMAnswerError(
-                f"The VLM server at {display_url(self.url)} returned a completion without any answer.",
-                "check the server log; try again.",
-            )
-        message = choices[0].message
-        content = message.content or ""
-        reasoning = _message_reasoning(message) or reasoning_from_text(content)
-        usage = response.usage.model_dump() if getattr(response, "usage", None) is not None else {}
+        try:
+            choices = list(response.choices or [])
+            message = choices[0].message if choices else None
+            if message is None:
+                raise VLMAnswerError(
+                    f"The VLM server at {display_url(self.url)} returned a completion without any answer.",
+                    "check the server log; try again.",
+                )
+            content = _content_text(message.content)
+            reasoning = _message_reasoning(message) or reasoning_from_text(content)
+            usage_obj = getattr(response, "usage", None)
+            usage = usage_obj.model_dump() if hasattr(usage_obj, "model_dump") else {}
+            finish_reason = choices[0].finish_reason
+        except (AttributeError, TypeError, KeyError, ValueError, IndexError) as exc:
+            raise self._not_a_completion(exc) from exc
         return ChatAnswer(
             content=content,
             reasoning=reasoning,
-            finish_reason=choices[0].finish_reason,
+            finish_reason=finish_reason,
             model=getattr(response, "model", "") or self.model,
             usage={k: v for k, v in usage.items() if isinstance(v, (int, float))},
             seconds=seconds,
             attempts=attempts,
             structured=use_schema,
             warnings=warnings,
+        )
+
+    def _not_a_completion(self, exc: BaseException) -> BackendError:
+        return BackendError(
+            f"The VLM server at {display_url(self.url)} sent something that is not an OpenAI chat "
+            f"completion ({type(exc).__name__}: {_one_line(str(exc), 120)}).",
+            "check that --vlm-url points at an OpenAI-compatible API (it usually ends in /v1).",
         )
 
     def _status_error(self, exc: Any, attempts: int) -> BackendError:
@@ -436,13 +440,6 @@ def normalize_base_url(url: str) -> str:
     if parts.path in ("", "/"):
         url = urlunsplit((parts.scheme, parts.netloc, "/v1", parts.query, parts.fragment))
     return url
-
-
-def display_url(url: str) -> str:
-    """The URL without any user:password part, for messages and records."""
-    parts = urlsplit(url)
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def clean_query(query: str | None) -> str | None:
@@ -548,6 +545,17 @@ def _label_point(mask: np.ndarray) -> tuple[int, int]:
 _NONE_ANSWER = re.compile(r"\b(?:none|no candidates?|nothing|neither)\b", re.IGNORECASE)
 
 
+def _content_text(content: Any) -> str:
+    """The answer text: a string, or the text parts of a list of content parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") if isinstance(p, dict) else str(getattr(p, "text", "")) for p in content)
+    raise TypeError(f"message content is a {type(content).__name__}")
+
+
 def parse_verify_answer(content: str | None, reasoning: str | None, count: int) -> tuple[list[int], list[str], bool]:
     """Read the candidate numbers (1-based) from a verification answer.
 
@@ -575,15 +583,18 @@ def parse_verify_answer(content: str | None, reasoning: str | None, count: int) 
         if values is not None:
             break
     if values is None:
-        if not answer and reasoning:
-            answer = reasoning.strip().splitlines()[-1] if reasoning.strip() else ""
+        # Prose. The reasoning is never read for numbers (it mentions candidates it rejects). "None"
+        # alone means none; "none" next to numbers ("None of the 3 match", "2 matches, none of the
+        # others") and ranges ("1-3") are ambiguous: unreadable, so the caller keeps every candidate.
         numbers_in_text = [int(n) for n in re.findall(r"(?<![\d.])\d{1,4}(?!\d|\.\d)", answer)]
-        if numbers_in_text:
-            values = numbers_in_text
-        elif _NONE_ANSWER.search(answer):
+        says_none = bool(_NONE_ANSWER.search(answer))
+        if says_none and not numbers_in_text:
             return [], warnings, True
-        else:
+        if says_none or re.search(r"\d\s*(?:-|–|to)\s*\d", answer):
+            return [], warnings + ["the verification answer mixes numbers with 'none' or a range; it was not used"], False
+        if not numbers_in_text:
             return [], warnings, False
+        values = numbers_in_text
     numbers: list[int] = []
     for value in values:
         if isinstance(value, dict):

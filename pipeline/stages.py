@@ -320,11 +320,18 @@ class Stage2:
         if len(todo) < len(masks):
             self.log(f"stage 2: {len(masks) - len(todo)} objects already done for the same inputs (--force redoes them)")
         t = time.perf_counter()
+        pointmaps_before = getattr(lifter, "pointmap_computations", 0)
         context = lifter.prepare(image) if todo else None
         prepare_s = time.perf_counter() - t
+        # The camera the lifter placed objects with (the scene GIF starts from the photo's view).
+        K = getattr(lifter, "intrinsics", None) if todo else None
+        K = getattr(context, "intrinsics", None) if K is None else K
+        if K is not None:
+            manifest.data.setdefault("stats", {})["intrinsics"] = np.asarray(K, dtype=float).round(4).tolist()
         for m, key in progress(todo, self.cfg.run.progress, "stage 2: objects"):
             t = time.perf_counter()
             status: dict[str, Any] = {"id": m.id, "label": m.label, "input_key": key, "lifter": self.choice.lifter}
+            _remove_outputs(paths.object_dir(m.id))  # nothing of an earlier run (e.g. another lifter's mesh) may survive
             try:
                 obj = _lift_with_retry(lifter, context, m, self.cfg.run.seed)
                 save_object_pt(paths.object_dir(m.id) / "gaussians.pt", obj)
@@ -338,7 +345,7 @@ class Stage2:
             except Exception as exc:  # one object failing never loses the others
                 status.update(status="failed", error=_one_line(exc))
                 self.log(f"stage 2: {m.id} failed: {status['error']}")
-                _remove_outputs(paths.object_dir(m.id))  # an earlier run's files must not pass for this one
+            lifter.release()  # after the except block, so a failed call's tensors can really go
             status["seconds"] = round(time.perf_counter() - t, 3)
             write_json_atomic(paths.object_dir(m.id) / "status.json", status)
             results[m.id] = status
@@ -346,11 +353,10 @@ class Stage2:
         for oid, st in results.items():
             if st.get("status") == "done":
                 manifest.data["objects"].setdefault(oid, {}).update(status="done", n_gaussians=st.get("n_gaussians"), error=None)
-        pointmaps = getattr(lifter, "pointmap_computations", None)
         timings = {"stage2.prepare": round(prepare_s, 4), "stage2.lift": round(time.perf_counter() - t0, 4)}
-        if pointmaps is not None:
+        if todo and hasattr(lifter, "pointmap_computations"):
             stats = manifest.data.setdefault("stats", {})
-            stats["pointmap_computations"] = pointmaps
+            stats["pointmap_computations"] = lifter.pointmap_computations - pointmaps_before  # for this photo
             stats["pointmap_method"] = getattr(lifter, "pointmap_method", None)
             stats["retried_objects"] = list(getattr(lifter, "retried", []))
         manifest.update(timings=timings)
@@ -373,7 +379,8 @@ class Stage2:
         from pipeline.scene.export import export_run
 
         t = time.perf_counter()
-        summary = export_run(paths.root, self.cfg.export, progress=self.cfg.run.progress)
+        K = manifest.data.get("stats", {}).get("intrinsics")
+        summary = export_run(paths.root, self.cfg.export, progress=self.cfg.run.progress, intrinsics=None if K is None else np.asarray(K, np.float32))
         manifest.update(timings={"export": round(time.perf_counter() - t, 4)}, export=_jsonable(summary))
         write_report(paths, manifest)
         return summary

@@ -124,3 +124,27 @@ def test_missing_objects_folder_is_an_input_error(tmp_path: Path) -> None:
 
     with pytest.raises(InputError, match="run stage 2 first"):
         export_run(tmp_path, small_cfg(), progress=False)
+
+
+def test_nonfinite_gaussians_do_not_blank_the_scene_gif(tmp_path: Path) -> None:
+    """One NaN position among thousands: dropped once, counted, and the scene still renders."""
+    from PIL import Image
+
+    from pipeline.core.config import ExportConfig
+    from pipeline.core.types import Gaussians, ObjectGaussians, Pose, rgb_to_sh0
+    from pipeline.objects.gaussians_pt import save_object_pt
+    from pipeline.scene.export import export_run
+
+    rng = np.random.default_rng(0)
+    n = 2000
+    xyz = rng.normal(scale=0.3, size=(n, 3)).astype(np.float32)
+    xyz[5] = np.nan
+    g = Gaussians(xyz, rgb_to_sh0(np.tile([[0.9, 0.1, 0.1]], (n, 1))), np.full((n, 1), 0.9, np.float32),
+                  np.full((n, 3), 0.03, np.float32), np.tile(np.float32([[1, 0, 0, 0]]), (n, 1)))
+    run = tmp_path / "run"
+    save_object_pt(run / "objects/obj_001/gaussians.pt", ObjectGaussians(g, Pose(translation=[0, 0, 3]), "test"))
+    summary = export_run(run, ExportConfig(gif_frames=2, gif_size=64, scene_gif_size=96), progress=False)
+    assert summary["objects"]["obj_001"]["dropped_nonfinite"] == 1
+    frame = np.asarray(Image.open(run / "scene/scene.gif").convert("RGB"))
+    red = (frame[..., 0] > 150) & (frame[..., 1] < 100)
+    assert red.sum() > 50, "the scene GIF lost the object"

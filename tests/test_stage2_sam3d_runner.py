@@ -73,6 +73,8 @@ def test_failing_object_is_recorded_and_the_rest_are_done(tmp_path: Path):
     assert objects["obj_002"]["status"] == "failed" and "memory" in objects["obj_002"]["error"].lower()
     assert all(o["status"] == "done" for oid, o in objects.items() if oid != "obj_002")
     assert manifest["stats"]["pointmap_computations"] == 1
+    K = manifest["stats"]["intrinsics"]  # fitted to the shared point map, used for the scene GIF
+    assert K[0][0] > 0 and K[1][1] > 0 and K[2] == [0, 0, 1]
     # The earlier run's files of the failed object are gone, so the scene cannot show stale geometry.
     assert (run / "objects/obj_001/gaussians.pt").is_file() and not (run / "objects/obj_002/gaussians.pt").exists()
     assert not (run / "objects/obj_002/object.ply").exists()

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.core.errors import InputError
-from pipeline.core.types import Gaussians, ObjectGaussians, ObjectMask, Pose, rgb_to_sh0
+from pipeline.core.types import Gaussians, ObjectGaussians, ObjectMask, Pose, require_rgb_image, rgb_to_sh0
 from pipeline.scene.camera import default_intrinsics
 
 DEFAULT_CAMERA_HEIGHT_M = 1.0
@@ -102,9 +102,7 @@ class InflateLifter:
         self.max_side = int(max_side)
 
     def prepare(self, image: np.ndarray) -> InflateContext:
-        image = np.asarray(image)
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise InputError(f"the inflate lifter needs an RGB uint8 (H, W, 3) image, got {image.dtype} {image.shape}.", "load the photo through pipeline's image loader.")
+        image = require_rgb_image(image, "the inflate lifter")
         h, w = image.shape[:2]
         return InflateContext(image=image, intrinsics=default_intrinsics(w, h))
 

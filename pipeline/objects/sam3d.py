@@ -375,7 +375,7 @@ class Sam3dLifter:
         self.pointmap_computations = 0  # depth / point-map passes run for the photos so far
         self.pointmap_method = ""  # how the last photo's point map was obtained (for run.json)
         self.retried: list[str] = []  # objects that failed once and were retried
-        self.last_error: str | None = None
+        self.intrinsics: np.ndarray | None = None  # (3, 3) pixels, fitted to the last photo's point map
 
     # -- per photo ---------------------------------------------------------------------------
 
@@ -389,6 +389,7 @@ class Sam3dLifter:
         """
         rgb = _as_rgb_uint8(image)
         pipeline = getattr(self.inference, "_pipeline", None)
+        self.intrinsics = None
         if pipeline is None or not callable(getattr(pipeline, "compute_pointmap", None)):
             self.pointmap_method = "per-object (pipeline has no compute_pointmap)"
             return Sam3dPhotoContext(rgb, None)
@@ -406,6 +407,10 @@ class Sam3dLifter:
         pointmap = out["pointmap"].permute(1, 2, 0).contiguous()  # (3, H, W) -> (H, W, 3), as run(pointmap=) expects
         self.pointmap_computations += 1
         self.pointmap_method = "once per photo (pipeline.compute_pointmap)"
+        # The camera the objects are placed with, so the scene GIF's first frame is the photo's view.
+        from pipeline.scene.camera import intrinsics_from_pointmap
+
+        self.intrinsics = intrinsics_from_pointmap(pointmap.float().cpu().numpy(), rgb.shape[1], rgb.shape[0])
         return Sam3dPhotoContext(rgb, pointmap)
 
     # -- per object --------------------------------------------------------------------------
@@ -435,17 +440,16 @@ class Sam3dLifter:
                 raise
             except Exception as first:
                 first_cause = _short(first)
-                del first  # its traceback holds the failed call's tensors
-                self.release()
-                self.retried.append(label)
+            # Outside the except block: the failed call's frames (and their tensors) are gone now.
+            self.release()
+            self.retried.append(label)
             try:
                 return self.lift(context, obj, seed=seed)
             except InputError:
                 raise
             except Exception as second:
-                self.last_error = _short(second)
                 raise BackendError(
-                    f"SAM 3D Objects failed on {label} twice: {self.last_error} (first try: {first_cause})",
+                    f"SAM 3D Objects failed on {label} twice: {_short(second)} (first try: {first_cause})",
                     _fix_for(second),
                 ) from second
         finally:

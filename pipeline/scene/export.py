@@ -20,7 +20,7 @@ from pipeline.core.config import ExportConfig
 from pipeline.core.errors import InputError
 from pipeline.core.progress import progress as show_progress
 from pipeline.core.runfolder import OBJECT_ID_RE, RunPaths
-from pipeline.core.types import ObjectGaussians
+from pipeline.core.types import GAUSSIAN_FIELDS, ObjectGaussians
 from pipeline.objects.gaussians_pt import load_object_pt
 from pipeline.scene.compose import compose_scene, pose_to_matrix
 from pipeline.scene.ply import write_splat_ply
@@ -100,17 +100,23 @@ def export_run(
             summary["objects"][oid] = {"error": str(exc)}
             continue
         t0 = time.perf_counter()
-        g = obj.gaussians
-        record: dict[str, Any] = {"n_gaussians": len(g), "source": obj.source, "files": []}
-        ply = write_splat_ply(obj_dir / "object.ply", g)
-        write_splat(obj_dir / "object.splat", g)
-        record["dropped_nonfinite"] = ply["dropped_nonfinite"]
-        record["files"] += [_rel(obj_dir / "object.ply", run_dir), _rel(obj_dir / "object.splat", run_dir)]
-        if render_fn is not None and len(g):
-            up, toward = photo_view_axes(obj.pose)
-            cams = turntable_cameras(g, cfg.gif_frames, cfg.gif_size, up=up, start_dir=toward)
-            write_gif(obj_dir / "turntable.gif", [render_fn(g, cam) for cam in cams], fps)
-            record["files"].append(_rel(obj_dir / "turntable.gif", run_dir))
+        # Non-finite Gaussians are dropped once here, so bounds, cameras and renders stay finite too.
+        finite = np.ones(len(obj.gaussians), dtype=bool)
+        for name in GAUSSIAN_FIELDS:
+            finite &= np.isfinite(getattr(obj.gaussians, name)).all(axis=1)
+        obj.gaussians = g = obj.gaussians.take(finite)
+        record: dict[str, Any] = {"n_gaussians": len(g), "source": obj.source, "files": [], "dropped_nonfinite": int((~finite).sum())}
+        try:
+            write_splat_ply(obj_dir / "object.ply", g)
+            write_splat(obj_dir / "object.splat", g)
+            record["files"] += [_rel(obj_dir / "object.ply", run_dir), _rel(obj_dir / "object.splat", run_dir)]
+            if render_fn is not None and len(g):
+                up, toward = photo_view_axes(obj.pose)
+                cams = turntable_cameras(g, cfg.gif_frames, cfg.gif_size, up=up, start_dir=toward)
+                write_gif(obj_dir / "turntable.gif", [render_fn(g, cam) for cam in cams], fps)
+                record["files"].append(_rel(obj_dir / "turntable.gif", run_dir))
+        except Exception as exc:  # one object's failure never stops the others or the scene
+            record["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
         record["seconds"] = round(time.perf_counter() - t0, 3)
         summary["objects"][oid] = record
         loaded.append((oid, obj))

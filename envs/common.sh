@@ -158,5 +158,9 @@ print_script_help() {  # $1 = script usage text, $2 = pipeline subcommand
   echo
   echo "Every other option is passed to 'python -m pipeline $2':"
   echo
-  python3 -m pipeline "$2" --help 2>/dev/null | sed -n '/^options:/,$p' || true
+  local py="${SAM3DGS_PYTHON:-python3}"
+  if [ -x "$SAM3DGS_VENV/bin/python" ]; then py="$SAM3DGS_VENV/bin/python"; fi
+  if ! "$py" -m pipeline "$2" --help 2>/dev/null | sed -n '/^options:/,$p' | grep .; then
+    echo "  (listing them needs Python 3.10+: run '<python3.10+> -m pipeline $2 --help' in $SAM3DGS_ROOT)"
+  fi
 }

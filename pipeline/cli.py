@@ -127,74 +127,104 @@ def _configs(args: argparse.Namespace):
     return Configs(*(config_from_args(cls, args) for cls in C.STAGE_CONFIGS))
 
 
-def _resolve_run_dir(cfgs, *, need_image: bool) -> Path:
+def _resolve_run_dir(cfgs, command: str, *, allow: frozenset[str] = frozenset()) -> Path:
+    """The run folder, checked before anything is written: not a file, creatable, and either new,
+    empty, or a run folder of ours (run.json). `allow` names entries a caller put there itself."""
+    import os
+
     from pipeline.core.errors import InputError
 
     if cfgs.run.out is not None:
-        return Path(cfgs.run.out)
-    if cfgs.run.image is None:
+        run_dir = Path(cfgs.run.out)
+    elif command == "stage2":
+        raise InputError("stage 2 needs the run folder.", "pass --out RUN_DIR (a stage 1 run, or a new folder with --image and --masks).")
+    elif cfgs.run.image is None:
         raise InputError("no --image given.", "pass --image PHOTO (and optionally --out RUN_DIR).")
-    return default_run_dir(Path(cfgs.run.image))
+    else:
+        run_dir = default_run_dir(Path(cfgs.run.image))
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"--out {run_dir} is a file, not a folder.", "pass a new folder or an existing run folder.")
+    if run_dir.is_dir() and not (run_dir / "run.json").exists() and set(os.listdir(run_dir)) - allow:
+        raise InputError(
+            f"--out {run_dir} is a folder with other files in it and no run.json.",
+            "pass a new folder (it is created) or a run folder made by this pipeline; nothing was written.",
+        )
+    existing = run_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"cannot create --out {run_dir}: {existing} is not a writable folder.", "pass --out somewhere you can write.")
+    return run_dir
 
 
-def _validate_image(cfgs) -> None:
-    """Reject a bad photo before the run folder is created, so bad input leaves nothing behind."""
-    from pipeline.core.errors import InputError
-    from pipeline.image.load import load_photo
-
-    if cfgs.run.image is None:
-        raise InputError("no --image given.", "pass --image PHOTO.")
-    load_photo(Path(cfgs.run.image))
-
-
-def _announce(choice) -> None:
-    for stage in ("planner", "segmenter", "lifter"):
+def _announce(choice, command: str) -> None:
+    stages = ("lifter",) if command == "stage2" else ("planner", "segmenter") if command == "stage1" else ("planner", "segmenter", "lifter")
+    for stage in stages:
         say(f"{stage:9s}: {getattr(choice, stage):9s} ({choice.reasons.get(stage, '')})")
 
 
-def cmd_stage(args: argparse.Namespace, log_path: Path) -> int:
+def _validate_inputs(cfgs, command: str, run_dir: Path):
+    """Everything that can be checked before the run folder exists, so bad input leaves nothing
+    behind: the photo, --box prompts, --masks. Returns the MaskSet found for --masks (or None)."""
+    from pipeline.core.errors import InputError
+    from pipeline.image.load import load_photo
+    from pipeline.stages import parse_box_flags
+
+    if command != "stage2" and cfgs.run.image is None:
+        raise InputError("no --image given.", "pass --image PHOTO.")
+    if command == "stage2" and cfgs.run.image is None and not RunPaths(run_dir).input_image.exists():
+        raise InputError("stage 2 needs the photo.", "pass --image PHOTO, or --out a run folder that has input/image.png.")
+    image_path = Path(cfgs.run.image) if cfgs.run.image is not None else RunPaths(run_dir).input_image
+    rgb = load_photo(image_path)
+    h, w = rgb.shape[:2]
+    parse_box_flags(cfgs.segmenter.box, w, h)
+    if command == "stage2" and cfgs.lifter.masks is not None:
+        if not Path(cfgs.lifter.masks).exists():
+            raise InputError(f"--masks {cfgs.lifter.masks} does not exist.", "pass a run folder, a masks/ folder or a folder of mask PNGs.")
+        from pipeline.masks.layouts import find_masks
+
+        return find_masks(Path(cfgs.lifter.masks), (w, h), exclude=[image_path])
+    return None
+
+
+def cmd_stage(args: argparse.Namespace, log_path: Path, *, allow: frozenset[str] = frozenset()) -> int:
     from pipeline.selection import choose_backends
     from pipeline.stages import Stage1, Stage2
 
     cfgs = _configs(args)
     command = args.command
-    run_dir = _resolve_run_dir(cfgs, need_image=command != "stage2")
-    if command == "stage2" and cfgs.run.image is None and not RunPaths(run_dir).input_image.exists():
-        from pipeline.core.errors import InputError
-
-        raise InputError("stage 2 needs the photo.", "pass --image PHOTO, or --out a run folder that has input/image.png.")
-    if cfgs.run.image is not None:
-        _validate_image(cfgs)
-    if command == "stage2" and cfgs.lifter.masks is not None and not Path(cfgs.lifter.masks).exists():
-        from pipeline.core.errors import InputError
-
-        raise InputError(f"--masks {cfgs.lifter.masks} does not exist.", "pass a run folder, a masks/ folder or a folder of mask PNGs.")
+    run_dir = _resolve_run_dir(cfgs, command, allow=allow)
+    mask_set = _validate_inputs(cfgs, command, run_dir)
     choice = choose_backends(cfgs.run, cfgs.planner, cfgs.server, cfgs.segmenter, cfgs.lifter)
-    _announce(choice)
     _start_log(run_dir)
+    _announce(choice, command)
     say(f"run folder: {run_dir}")
     t0 = time.perf_counter()
     if command in ("run", "stage1"):
         Stage1(cfgs, choice, log=say).process(Path(cfgs.run.image), run_dir)
     if command in ("run", "stage2"):
-        Stage2(cfgs, choice, log=say).process(run_dir, Path(cfgs.run.image) if cfgs.run.image else None, cfgs.lifter.masks)
+        image = Path(cfgs.run.image) if cfgs.run.image else None
+        Stage2(cfgs, choice, log=say).process(run_dir, image, cfgs.lifter.masks, mask_set=mask_set)
     return _summary(run_dir, time.perf_counter() - t0, stage1_only=command == "stage1")
 
 
 def cmd_demo(args: argparse.Namespace, log_path: Path) -> int:
+    from pipeline.core.errors import InputError
     from pipeline.demo.scene import make_demo_scene
 
-    cfgs_args = vars(args)
-    out = Path(cfgs_args.get("out") or default_run_dir(Path("demo")))
-    scene_dir = out / "demo_scene"
-    say(f"demo: generating the demo scene in {scene_dir}")
-    scene = make_demo_scene(scene_dir)
-    args.image = scene_dir / "image.png"
+    if getattr(args, "image", None) is not None or getattr(args, "masks", None) is not None:
+        raise InputError("demo makes its own photo and masks.", "drop --image/--masks, or use `run` / `stage2` for your own photo.")
+    out = Path(getattr(args, "out", None) or default_run_dir(Path("demo")))
     args.out = out
+    args.image = out / "demo_scene" / "image.png"
     if not hasattr(args, "profile"):
         args.profile = "lite"
     args.command = "run"
-    code = cmd_stage(args, log_path)
+    cfgs = _configs(args)
+    _resolve_run_dir(cfgs, "run", allow=frozenset({"demo_scene"}))  # before writing the scene
+    say(f"demo: generating the demo scene in {out / 'demo_scene'}")
+    scene = make_demo_scene(out / "demo_scene")
+    code = cmd_stage(args, log_path, allow=frozenset({"demo_scene"}))
     _demo_accuracy(out, scene)
     return code
 
@@ -281,6 +311,8 @@ def cmd_report(args: argparse.Namespace, log_path: Path) -> int:
 
         print(write_index(Path(args.run_dir)))
     else:
+        if not (Path(args.run_dir) / "run.json").is_file():
+            raise InputError(f"{args.run_dir} is not a run folder (no run.json).", "pass a run folder, or a folder of runs with --index.")
         from pipeline.report.html import write_report
 
         print(write_report(Path(args.run_dir)))

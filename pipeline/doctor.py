@@ -23,7 +23,6 @@ ENV_NAMES = {
     "sam3": os.environ.get("SAM3DGS_ENV_SAM3", "sam3"),
     "sam3d": os.environ.get("SAM3DGS_ENV_SAM3D", "sam3d-objects"),
 }
-SAM3D_MIN_GPU_GIB = 32
 
 
 @dataclass
@@ -103,7 +102,8 @@ def collect(seg: SegmenterConfig, lifter: LifterConfig, server: VLMServerConfig)
     checks.append(Check("CUDA GPU", bool(found), ", ".join(f"{n} ({g:.0f} GiB)" for n, g in found) or "nvidia-smi found no GPU", "run on a machine with an NVIDIA GPU and driver"))
     if found:
         best = max(g for _, g in found)
-        checks.append(Check(f"GPU memory >= {SAM3D_MIN_GPU_GIB} GiB (SAM 3D Objects)", best >= SAM3D_MIN_GPU_GIB - 1, f"largest GPU has {best:.0f} GiB", "use a GPU with at least 32 GB for stage 2"))
+        need = float(lifter.sam3d_min_gpu_gib)  # the same bound the SAM 3D lifter enforces
+        checks.append(Check(f"GPU memory >= {need:g} GiB (SAM 3D Objects)", best >= need, f"largest GPU has {best:.0f} GiB", "use a GPU with about 32 GB for stage 2 (or lower --sam3d-min-gpu-gib at your own risk)"))
 
     vllm_py = pythons["vllm"]
     vllm_exe = vllm_py.parent / "vllm" if vllm_py else (Path(shutil.which(server.vllm_command)) if shutil.which(server.vllm_command) else None)
@@ -130,7 +130,9 @@ def collect(seg: SegmenterConfig, lifter: LifterConfig, server: VLMServerConfig)
         checks.append(Check("import sam3d_objects (sam3d-objects env)", ok, msg, "bash envs/setup.sh sam3d"))
 
     token = hf_token() is not None
-    checks.append(Check("HF token (gated weights)", token, "HF_TOKEN set or token file present" if token else "no HF_TOKEN", "export HF_TOKEN=hf_...  (create one at huggingface.co/settings/tokens; accept the model licences first)", required=not ckpt.is_file()))
+    # Needed while any gated weights still have to be downloaded: SAM3's (unless --sam3-checkpoint) or SAM 3D's.
+    downloads_left = not ckpt.is_file() or not (seg.sam3_checkpoint and Path(seg.sam3_checkpoint).is_file())
+    checks.append(Check("HF token (gated weights: facebook/sam3, facebook/sam-3d-objects)", token, "HF_TOKEN set or token file present" if token else "no HF_TOKEN", "export HF_TOKEN=hf_...  (create one at huggingface.co/settings/tokens; accept the model licences first)", required=downloads_left))
 
     venv_py = ROOT / ".venv" / "bin" / "python"
     checks.append(Check("light env .venv (lite profile, export, report)", venv_py.exists(), str(venv_py), "./run_pipeline.sh --demo   (creates it)", required=False))

@@ -164,7 +164,7 @@ class Stage1:
     def process(self, image_path: Path, run_dir: Path) -> dict[str, Any]:
         paths = RunPaths(Path(run_dir))
         paths.root.mkdir(parents=True, exist_ok=True)
-        clean_stale_temporaries(paths.root)
+        clean_stale_temporaries(paths.written_folders())
         manifest = Manifest(paths)
         t0 = time.perf_counter()
         image, sha, image_record = prepare_input(paths, Path(image_path))
@@ -217,10 +217,12 @@ class Stage1:
         seg_report = getattr(self._segmenter, "last_report", None)
         written = write_masks(paths.masks_dir, image, masks, image_sha256=image_record["sha256"], meta={"input_key": key, "segmenter": self.choice.segmenter, "planner": self.choice.planner, "segmenter_report": seg_report})
         timings["total"] = time.perf_counter() - t0
-        manifest.update(
-            timings={f"stage1.{k}": round(v, 4) for k, v in timings.items()},
-            objects={m.id: {"label": m.label, "score": m.score if np.isfinite(m.score) else None, "area": m.area, "status": "masked"} for m in written},
-        )
+        # New masks replace the old list: objects of an earlier masks/ must not linger in run.json or objects/.
+        drop_stale_objects(paths, manifest, {m.id for m in written}, self.log)
+        manifest.data["objects"] = {
+            m.id: {"label": m.label, "score": m.score if np.isfinite(m.score) else None, "area": m.area, "status": "masked"} for m in written
+        }
+        manifest.update(timings={f"stage1.{k}": round(v, 4) for k, v in timings.items()})
         self.log(f"stage 1: {len(written)} objects -> {paths.masks_dir}")
         return {"skipped": False, "objects": len(written), "timings": timings}
 
@@ -267,13 +269,14 @@ class Stage2:
                 self._lifter = InflateLifter(n_gaussians=self.cfg.lifter.inflate_gaussians)
         return self._lifter
 
-    def load_masks(self, paths: RunPaths, image: np.ndarray, image_sha: str, image_path: Path, masks_path: Path | None) -> list[ObjectMask]:
+    def load_masks(self, paths: RunPaths, image: np.ndarray, image_sha: str, image_path: Path, masks_path: Path | None, mask_set=None) -> list[ObjectMask]:
         from pipeline.masks.layouts import find_masks
         from pipeline.masks.store import write_masks
 
         h, w = image.shape[:2]
         source = Path(masks_path) if masks_path else paths.root
-        mask_set = find_masks(source, (w, h), exclude=[image_path])
+        if mask_set is None:
+            mask_set = find_masks(source, (w, h), exclude=[image_path])
         if mask_set.skipped:
             for s in mask_set.skipped:
                 self.log(f"stage 2: skipped {s['file']}: {s['reason']}")
@@ -285,12 +288,13 @@ class Stage2:
         Manifest(paths).update(inputs={"masks": {"path": str(source), "layout": mask_set.layout, "skipped": mask_set.skipped}})
         return written
 
-    def process(self, run_dir: Path, image_path: Path | None = None, masks_path: Path | None = None) -> dict[str, Any]:
+    def process(self, run_dir: Path, image_path: Path | None = None, masks_path: Path | None = None, *, mask_set=None) -> dict[str, Any]:
+        """`mask_set`: masks already read from `masks_path` by the caller (pipeline.masks.layouts.find_masks)."""
         from pipeline.objects.gaussians_pt import save_object_pt
 
         paths = RunPaths(Path(run_dir))
         paths.root.mkdir(parents=True, exist_ok=True)
-        clean_stale_temporaries(paths.root)
+        clean_stale_temporaries(paths.written_folders())
         manifest = Manifest(paths)
         t0 = time.perf_counter()
         if image_path is None:
@@ -298,8 +302,8 @@ class Stage2:
                 raise InputError(f"{paths.root} has no input/image.png and no --image was given.", "pass --image PHOTO.")
             image_path = paths.input_image
         image, sha, image_record = prepare_input(paths, Path(image_path))
-        masks = self.load_masks(paths, image, image_record["sha256"], Path(image_path), masks_path)
-        self._drop_stale_objects(paths, manifest, {m.id for m in masks})
+        masks = self.load_masks(paths, image, image_record["sha256"], Path(image_path), masks_path, mask_set)
+        drop_stale_objects(paths, manifest, {m.id for m in masks}, self.log)
         manifest.update(
             inputs={"image": image_record},
             config=self.cfg.record(),
@@ -363,18 +367,6 @@ class Stage2:
         export_summary = self.export(paths, manifest)
         return {"objects": results, "export": export_summary}
 
-    def _drop_stale_objects(self, paths: RunPaths, manifest: Manifest, current: set[str]) -> None:
-        """Objects of an earlier masks/ that the current one no longer has would end up in the scene."""
-        import shutil
-
-        if not paths.objects_dir.is_dir():
-            return
-        for d in sorted(paths.objects_dir.iterdir()):
-            if d.is_dir() and d.name.startswith("obj_") and d.name not in current:
-                shutil.rmtree(d)
-                manifest.data.get("objects", {}).pop(d.name, None)
-                self.log(f"stage 2: removed {d.relative_to(paths.root)} (not in the current masks/)")
-
     def export(self, paths: RunPaths, manifest: Manifest) -> dict[str, Any]:
         from pipeline.scene.export import export_run
 
@@ -384,6 +376,20 @@ class Stage2:
         manifest.update(timings={"export": round(time.perf_counter() - t, 4)}, export=_jsonable(summary))
         write_report(paths, manifest)
         return summary
+
+
+def drop_stale_objects(paths: RunPaths, manifest: Manifest, current: set[str], log=print) -> None:
+    """Object folders (and run.json entries) whose id the current masks/ no longer has would end up in
+    the scene and the report: remove them."""
+    import shutil
+
+    if paths.objects_dir.is_dir():
+        for d in sorted(paths.objects_dir.iterdir()):
+            if d.is_dir() and d.name.startswith("obj_") and d.name not in current:
+                shutil.rmtree(d)
+                log(f"removed {d.relative_to(paths.root)} (not in the current masks/)")
+    for oid in set(manifest.data.get("objects", {})) - current:
+        del manifest.data["objects"][oid]
 
 
 def write_report(paths: RunPaths, manifest: Manifest) -> None:

@@ -255,3 +255,83 @@ def test_very_large_photo_runs_within_memory(tmp_path: Path):
     assert Image.open(out / "masks/obj_001.png").size == (w, h)
     peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
     assert peak_gib < 2.0, f"peak memory {peak_gib:.2f} GiB"
+
+
+def test_out_that_is_a_file_or_a_foreign_folder_is_refused(demo_run: Path, tmp_path: Path):
+    a_file = tmp_path / "afile"
+    a_file.write_text("mine")
+    proc = pipeline_cmd("run", "--image", demo_run / "input/image.png", "--out", a_file, "--profile", "lite")
+    assert proc.returncode == 2 and "is a file" in _one_line_error(proc)
+    foreign = tmp_path / "project"
+    (foreign / "src").mkdir(parents=True)
+    (foreign / "src" / ".tmp-notes.txt").write_text("user data")
+    proc = pipeline_cmd("run", "--image", demo_run / "input/image.png", "--out", foreign, "--profile", "lite")
+    assert proc.returncode == 2 and "no run.json" in _one_line_error(proc)
+    assert sorted(p.name for p in foreign.iterdir()) == ["src"] and (foreign / "src" / ".tmp-notes.txt").exists()
+
+
+def test_bad_box_is_rejected_before_the_run_folder_exists(demo_run: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    proc = pipeline_cmd("stage1", "--image", demo_run / "input/image.png", "--out", out, "--profile", "lite", "--box", "1,2,3")
+    assert proc.returncode == 2 and "--box" in _one_line_error(proc)
+    assert not out.exists()
+
+
+def test_only_the_projects_own_temporaries_are_cleaned(demo_run: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run)
+    (run / "notes").mkdir()
+    (run / "notes" / ".tmp-keep.txt").write_text("user data")
+    (run / "objects" / "obj_001" / ".tmp-gaussians-x.pt").write_bytes(b"half")
+    proc = pipeline_cmd("stage2", "--out", run, "--profile", "lite", *FAST)
+    assert proc.returncode == 0, proc.stderr
+    assert (run / "notes" / ".tmp-keep.txt").exists()
+    assert not (run / "objects" / "obj_001" / ".tmp-gaussians-x.pt").exists()
+
+
+def test_outputs_are_readable_like_any_file_the_user_writes(demo_run: Path):
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for rel in ("report.html", "run.json", "objects/obj_001/gaussians.pt", "scene/scene.ply", "masks/obj_001.png"):
+        assert stat.S_IMODE((demo_run / rel).stat().st_mode) == 0o666 & ~umask, rel
+    assert stat.S_IMODE((demo_run / "masks").stat().st_mode) == 0o777 & ~umask
+
+
+def test_stage1_again_with_fewer_masks_drops_the_old_objects(demo_run: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run)
+    first = json.loads((run / "masks/masks.json").read_text())["objects"][0]
+    x0, y0, x1, y1 = first["box_xyxy"]
+    box = f"{max(0, x0 - 8):.0f},{max(0, y0 - 8):.0f},{x1 + 8:.0f},{y1 + 8:.0f},thing"
+    proc = pipeline_cmd("stage1", "--image", run / "input/image.png", "--out", run, "--profile", "lite", "--box", box)
+    assert proc.returncode == 0, proc.stderr
+    assert [p.name for p in (run / "objects").iterdir()] == ["obj_001"]
+    assert list(json.loads((run / "run.json").read_text())["objects"]) == ["obj_001"]
+
+
+def test_ctrl_c_exits_130_and_the_next_run_continues(demo_run: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run)
+    shutil.rmtree(run / "objects")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "stage2", "--out", str(run), "--profile", "lite", *FAST, "--inflate-gaussians", "20000"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((run / "objects").glob("*/status.json")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    again = pipeline_cmd("stage2", "--out", run, "--profile", "lite", *FAST, "--inflate-gaussians", "20000")
+    assert again.returncode == 0, again.stderr
+    assert not list(run.rglob(".tmp-*"))
+
+
+def test_report_needs_a_run_folder(tmp_path: Path):
+    proc = pipeline_cmd("report", tmp_path)
+    assert proc.returncode == 2 and "run.json" in _one_line_error(proc)
+    assert not (tmp_path / "report.html").exists()

@@ -16,6 +16,21 @@ from pathlib import Path
 from typing import Any
 
 TMP_PREFIX = ".tmp-"
+_UMASK: int | None = None
+
+
+def _umask() -> int:
+    """The process umask (read once; os.umask can only be read by setting it)."""
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0o022)
+        os.umask(_UMASK)
+    return _UMASK
+
+
+def _publish_mode(path: Path, *, folder: bool = False) -> None:
+    """mkstemp/mkdtemp create 0600/0700 entries; give the result the mode a plain open() would."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
 
 
 @contextlib.contextmanager
@@ -34,6 +49,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        _publish_mode(tmp_path)
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
@@ -72,6 +88,7 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + target.name + "-", dir=target.parent))
     try:
         yield tmp
+        _publish_mode(tmp, folder=True)
         old = None
         if target.exists():
             old = target.with_name(TMP_PREFIX + target.name + "-old-" + tmp.name[-8:])
@@ -84,15 +101,19 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def clean_stale_temporaries(folder: str | os.PathLike[str]) -> int:
-    """Remove '.tmp-*' leftovers of a killed run under `folder`; returns how many were removed."""
+def clean_stale_temporaries(folders: list[Path]) -> int:
+    """Remove '.tmp-*' leftovers of a killed run directly inside each of `folders` (not below them:
+    only the places this project writes to are touched). Returns how many were removed."""
     count = 0
-    for path in Path(folder).rglob(TMP_PREFIX + "*"):
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-        count += 1
+    for folder in folders:
+        if not Path(folder).is_dir():
+            continue
+        for path in Path(folder).glob(TMP_PREFIX + "*"):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            count += 1
     return count
 
 

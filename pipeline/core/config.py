@@ -35,7 +35,7 @@ class RunConfig:
     )
     force: bool = opt(False, "Redo objects and masks that are already done for the same inputs.")
     seed: int = opt(0, "Random seed for reproducible output.")
-    device: str = opt("auto", "Torch device: auto, cuda, cuda:N, mps or cpu (env SAM3DGS_DEVICE overrides).")
+    device: str = opt("auto", "Torch device: auto, cuda, cuda:N, mps or cpu (auto: env SAM3DGS_DEVICE if set, else detected).")
     progress: bool = opt(True, "Show progress bars on long steps.")
 
 

@@ -6,8 +6,10 @@ import os
 
 
 def pick_device(requested: str = "auto") -> str:
-    """Return 'cuda', 'cuda:N', 'mps' or 'cpu'. Imports torch lazily; without torch it is 'cpu'."""
-    requested = os.environ.get("SAM3DGS_DEVICE", requested) or "auto"
+    """Return 'cuda', 'cuda:N', 'mps' or 'cpu'. An explicit --device wins, then SAM3DGS_DEVICE, then
+    detection. Imports torch lazily; without torch it is 'cpu'."""
+    if requested in (None, "", "auto"):
+        requested = os.environ.get("SAM3DGS_DEVICE") or "auto"
     if requested != "auto":
         return requested
     try:

@@ -105,6 +105,13 @@ class RunPaths:
     def logs_dir(self) -> Path:
         return self.root / "logs"
 
+    def written_folders(self) -> list[Path]:
+        """Every folder this project writes files into (where a killed run can leave '.tmp-*')."""
+        folders = [self.root, self.input_image.parent, self.plan.parent, self.masks_dir, self.scene_dir]
+        if self.objects_dir.is_dir():
+            folders += [d for d in self.objects_dir.iterdir() if d.is_dir() and OBJECT_ID_RE.match(d.name)]
+        return folders
+
 
 class Manifest:
     """run.json: read-modify-write with atomic replacement. One process writes at a time."""
@@ -128,7 +135,6 @@ class Manifest:
             "versions": {},
             "timings": {},
             "objects": {},
-            "commands": [],
         }
 
     def update(self, **sections: Any) -> None:

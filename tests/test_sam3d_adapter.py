@@ -174,6 +174,25 @@ def test_pointmap_computed_once_per_photo_and_passed_to_every_object():
     assert "compute_pointmap" in lft.pointmap_method
 
 
+def test_failed_shared_pointmap_falls_back_to_one_per_object():
+    lft = lifter()
+    pipe = pipeline_of(lft)
+    real = pipe.compute_pointmap
+    calls = {"n": 0}
+
+    def fails_when_shared(image, pointmap=None):
+        calls["n"] += 1
+        if calls["n"] == 1:  # the photo-wide call from prepare()
+            raise RuntimeError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real(image, pointmap)
+
+    pipe.compute_pointmap = fails_when_shared
+    ctx = lft.prepare(photo())
+    assert ctx.pointmap is None and "failed" in lft.pointmap_method and "out of memory" in lft.pointmap_method
+    objs = [lft.lift_with_retry(ctx, m, seed=0) for m in masks()]
+    assert len(objs) == 3 and lft.pointmap_computations == 3  # counted honestly: one per object
+
+
 def test_shared_pointmap_gives_the_same_objects_as_per_object_depth():
     lft = lifter()
     ctx = lft.prepare(photo())

@@ -398,12 +398,19 @@ class Sam3dLifter:
         rgba = np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 255, np.uint8)], axis=-1)
         clip = getattr(pipeline, "clip_pointmap_beyond_scale", None)
         device_ctx = pipeline.device if isinstance(getattr(pipeline, "device", None), torch.device) else contextlib.nullcontext()
+        failed = None
         try:
             pipeline.clip_pointmap_beyond_scale = None
             with torch.no_grad(), device_ctx:
                 out = pipeline.compute_pointmap(rgba)
+        except Exception as exc:  # e.g. out of memory on a huge photo: each object computes its own instead
+            failed = _short(exc)
         finally:
             pipeline.clip_pointmap_beyond_scale = clip
+        if failed is not None:
+            self.release()  # outside the except block, so the failed call's tensors can go
+            self.pointmap_method = f"per-object (the shared point map failed: {failed})"
+            return Sam3dPhotoContext(rgb, None)
         pointmap = out["pointmap"].permute(1, 2, 0).contiguous()  # (3, H, W) -> (H, W, 3), as run(pointmap=) expects
         self.pointmap_computations += 1
         self.pointmap_method = "once per photo (pipeline.compute_pointmap)"

@@ -29,6 +29,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fake_openai_server import FakeOpenAIServer, Reply  # noqa: E402
 
 
+def make_launchable(folder: Path) -> tuple[Path, Path]:
+    """An executable named `vllm` that runs this stand-in, and a model folder it accepts."""
+    exe = folder / "vllm"
+    exe.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{Path(__file__).resolve()}" "$@"\n')
+    exe.chmod(0o755)
+    model = folder / "model"
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text("{}")
+    return exe, model
+
+
 def log(message: str) -> None:
     print(f"INFO {time.strftime('%m-%d %H:%M:%S')} [fake_vllm] {message}", flush=True)
 

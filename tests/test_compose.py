@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from gaussian_factory import random_gaussians
 from scipy.spatial.transform import Rotation
 
-from pipeline.core.types import Gaussians, ObjectGaussians, Pose
+from pipeline.core.types import ObjectGaussians, Pose
 from pipeline.scene.compose import (
     apply_pose,
     compose_scene,
@@ -16,16 +17,6 @@ from pipeline.scene.compose import (
     quat_multiply,
     quat_to_matrix,
 )
-
-
-def random_gaussians(rng: np.random.Generator, n: int) -> Gaussians:
-    return Gaussians(
-        rng.normal(size=(n, 3)).astype(np.float32),
-        rng.normal(size=(n, 3)).astype(np.float32),
-        rng.uniform(0.05, 1.0, (n, 1)).astype(np.float32),
-        rng.uniform(0.01, 0.3, (n, 3)).astype(np.float32),
-        Rotation.random(n, random_state=rng).as_quat(scalar_first=True).astype(np.float32),
-    )
 
 
 def random_pose(rng: np.random.Generator, uniform: bool = True) -> Pose:
@@ -55,7 +46,7 @@ def test_quaternion_helpers_match_scipy() -> None:
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_compose_matches_independent_implementation(seed: int) -> None:
     rng = np.random.default_rng(seed)
-    objects = [ObjectGaussians(random_gaussians(rng, n), random_pose(rng), "test") for n in (17, 1, 40, 0, 9)]
+    objects = [ObjectGaussians(random_gaussians(n, rng, opacity=(0.05, 1.0), scale=(0.01, 0.3)), random_pose(rng), "test") for n in (17, 1, 40, 0, 9)]
     scene, object_index = compose_scene(objects)
 
     assert len(scene) == sum(len(o.gaussians) for o in objects)
@@ -91,7 +82,7 @@ def test_compose_matches_independent_implementation(seed: int) -> None:
 def test_covariance_of_a_posed_point_cloud_transforms_like_its_points() -> None:
     """Sample points from one Gaussian, move them by the pose: their covariance is the composed Gaussian's."""
     rng = np.random.default_rng(7)
-    g = random_gaussians(rng, 1)
+    g = random_gaussians(1, rng, opacity=(0.05, 1.0), scale=(0.01, 0.3))
     pose = random_pose(rng)
     cov = gaussian_covariances(g)[0]
     samples = rng.multivariate_normal(g.xyz[0].astype(np.float64), cov, size=200_000)
@@ -103,7 +94,7 @@ def test_covariance_of_a_posed_point_cloud_transforms_like_its_points() -> None:
 
 def test_non_uniform_pose_scale_keeps_the_exact_covariance() -> None:
     rng = np.random.default_rng(11)
-    g = random_gaussians(rng, 30)
+    g = random_gaussians(30, rng, opacity=(0.05, 1.0), scale=(0.01, 0.3))
     pose = random_pose(rng, uniform=False)
     posed = apply_pose(g, pose)
     M = np.diag(pose.scale.astype(np.float64)) @ scipy_matrix(pose.rotation)

@@ -6,23 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gaussian_factory import random_gaussians
 from plyfile import PlyData, PlyElement
-from scipy.spatial.transform import Rotation
 
 from pipeline.core.errors import InputError
 from pipeline.core.types import Gaussians
 from pipeline.scene.ply import PLY_PROPERTIES, read_splat_ply, write_splat_ply
-
-
-def random_gaussians(n: int, seed: int = 0) -> Gaussians:
-    rng = np.random.default_rng(seed)
-    return Gaussians(
-        rng.normal(size=(n, 3)).astype(np.float32),
-        rng.normal(size=(n, 3)).astype(np.float32),
-        rng.uniform(0.01, 0.99, (n, 1)).astype(np.float32),
-        rng.uniform(0.001, 0.5, (n, 3)).astype(np.float32),
-        Rotation.random(n, random_state=rng).as_quat(scalar_first=True).astype(np.float32),
-    )
 
 
 def assert_close(a: Gaussians, b: Gaussians) -> None:
@@ -41,7 +30,7 @@ def test_round_trip(tmp_path: Path) -> None:
 
 
 def test_layout_is_standard_3dgs_as_plyfile_reads_it(tmp_path: Path) -> None:
-    g = random_gaussians(20, seed=1)
+    g = random_gaussians(20, 1)
     write_splat_ply(tmp_path / "a.ply", g)
     ply = PlyData.read(str(tmp_path / "a.ply"))
     assert ply.byte_order == "<" and not ply.text
@@ -76,7 +65,7 @@ def test_opacity_one_and_zero_survive(tmp_path: Path) -> None:
 
 
 def test_reads_foreign_file_with_extra_properties_and_other_order(tmp_path: Path) -> None:
-    g = random_gaussians(30, seed=3)
+    g = random_gaussians(30, 3)
     names = ["rot_3", "rot_2", "rot_1", "rot_0", "x", "y", "z", "opacity"] + [f"f_rest_{i}" for i in range(9)]
     names += ["scale_0", "scale_1", "scale_2", "f_dc_0", "f_dc_1", "f_dc_2", "red"]
     dtype = [(n, "f8" if n == "x" else ("u1" if n == "red" else "f4")) for n in names]
@@ -126,7 +115,7 @@ def test_multi_chunk_write_drops_nonfinite_rows_and_fixes_the_count(tmp_path: Pa
     from pipeline.scene.ply import PLY_CHUNK
 
     n = 2 * PLY_CHUNK + 5
-    g = random_gaussians(n, seed=3)
+    g = random_gaussians(n, 3)
     bad = np.array([PLY_CHUNK + 7, 2 * PLY_CHUNK + 1])
     g.xyz[bad[0], 1] = np.nan
     g.scale[bad[1], 0] = 0.0  # log(0) = -inf

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy.spatial.transform import Rotation
+from gaussian_factory import random_gaussians as _random_gaussians
 
 from pipeline.core.errors import InputError
 from pipeline.core.types import SH_C0, Gaussians, rgb_to_sh0
@@ -14,14 +14,7 @@ from pipeline.scene.splat import read_splat, write_splat
 
 
 def random_gaussians(n: int, seed: int = 0) -> Gaussians:
-    rng = np.random.default_rng(seed)
-    return Gaussians(
-        rng.normal(size=(n, 3)).astype(np.float32),
-        rgb_to_sh0(rng.uniform(0, 1, (n, 3))),
-        rng.uniform(0.0, 1.0, (n, 1)).astype(np.float32),
-        rng.uniform(0.001, 0.5, (n, 3)).astype(np.float32),
-        Rotation.random(n, random_state=rng).as_quat(scalar_first=True).astype(np.float32),
-    )
+    return _random_gaussians(n, seed, opacity=(0.0, 1.0), rgb_colours=True)
 
 
 def test_byte_layout_of_one_splat(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from conftest import ROOT
 from fake_openai_server import FakeOpenAIServer, Reply
+from fake_vllm import make_launchable
 from PIL import Image
 
 from pipeline.demo.scene import make_demo_scene
@@ -54,12 +55,7 @@ def test_launcher_starts_and_stops_vllm_and_boxes_become_masks(demo: Path, tmp_p
     think = "<think>The photo shows five simple objects on a plain floor.</think>"
     reply = think + json.dumps({"objects": _boxes_on_qwen_grid(demo)})
     (tmp_path / "replies.json").write_text(json.dumps([reply]))
-    wrapper = tmp_path / "vllm"
-    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "tests" / "fake_vllm.py"}" "$@"\n')
-    wrapper.chmod(0o755)
-    model = tmp_path / "Qwen3-VL-8B-Thinking"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
+    wrapper, model = make_launchable(tmp_path)
     run = tmp_path / "run"
     env = {"FAKE_VLLM_REPLY_FILE": str(tmp_path / "replies.json"), "FAKE_VLLM_PIDFILE": str(tmp_path / "pid"), "FAKE_VLLM_START_DELAY": "0.5"}
     proc = _run("stage1", "--image", demo / "image.png", "--out", run, "--planner", "vlm", "--segmenter", "classical",
@@ -115,12 +111,7 @@ def test_query_mode_keeps_only_what_the_vlm_confirms(demo: Path, tmp_path: Path)
 
 
 def test_vllm_dying_mid_run_is_named_and_leaves_no_masks(demo: Path, tmp_path: Path):
-    wrapper = tmp_path / "vllm"
-    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "tests" / "fake_vllm.py"}" "$@"\n')
-    wrapper.chmod(0o755)
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
+    wrapper, model = make_launchable(tmp_path)
     run = tmp_path / "run"
     proc = _run("stage1", "--image", demo / "image.png", "--out", run, "--planner", "vlm", "--segmenter", "classical",
                 "--vllm-command", wrapper, "--vlm-model-id", model, "--ready-timeout", "60", "--no-progress",

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fake_vllm import make_launchable
 
 from pipeline.core.config import PlannerConfig, VLMServerConfig
 from pipeline.core.errors import BackendError, InputError
@@ -33,12 +34,7 @@ ROOT = TESTS.parent
 @pytest.fixture()
 def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
     """A `vllm` executable and a model folder; returns paths plus a pid file the fake writes."""
-    exe = tmp_path / "vllm"
-    exe.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{TESTS / "fake_vllm.py"}" "$@"\n')
-    exe.chmod(0o755)
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
+    exe, model = make_launchable(tmp_path)
     pidfile = tmp_path / "pids"
     monkeypatch.setenv("FAKE_VLLM_PIDFILE", str(pidfile))
     for name in ("FAKE_VLLM_START_DELAY", "FAKE_VLLM_CRASH_AFTER", "FAKE_VLLM_IGNORE_TERM", "FAKE_VLLM_WORKER"):

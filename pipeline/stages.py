@@ -201,10 +201,13 @@ class Stage1:
             t = time.perf_counter()
             masks = self.segmenter().segment(image, plan if plan.items else None)
             timings["segment"] = time.perf_counter() - t
-            if planner is not None and self.cfg.planner.prompt and masks:
+            # The user's own --box objects are kept as asked; only the planner's candidates are checked.
+            own = [m for m in masks if _from_user_box(m, boxes)]
+            candidates = [m for m in masks if not _from_user_box(m, boxes)]
+            if planner is not None and self.cfg.planner.prompt and candidates:
                 t = time.perf_counter()
-                keep = set(planner.verify(image, masks, self.cfg.planner.prompt))
-                masks = [m for i, m in enumerate(masks) if i in keep]
+                keep = set(planner.verify(image, candidates, self.cfg.planner.prompt))
+                masks = own + [m for i, m in enumerate(candidates) if i in keep]
                 timings["verify"] = time.perf_counter() - t
                 self._write_plan(paths, plan, planner)  # now with the verification
         if not masks:
@@ -409,6 +412,20 @@ def _lift_with_retry(lifter, context, m: ObjectMask, seed: int):
     except (MemoryError, RuntimeError, BackendError):
         lifter.release()
         return lifter.lift(context, m, seed=seed)
+
+
+def _box_iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _from_user_box(m: ObjectMask, boxes: list[PlanItem]) -> bool:
+    """Whether a mask answers one of the user's --box prompts: same label, and its tight box fills
+    most of that prompt box (a refined mask is a little smaller than a loose box, hence 0.5)."""
+    return any(m.label == b.phrase and _box_iou(m.box_xyxy, b.box_xyxy) >= 0.5 for b in boxes)
 
 
 OBJECT_OUTPUTS = ("gaussians.pt", "mesh.glb", "object.ply", "object.splat", "turntable.gif")

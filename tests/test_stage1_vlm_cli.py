@@ -120,3 +120,20 @@ def test_vllm_dying_mid_run_is_named_and_leaves_no_masks(demo: Path, tmp_path: P
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "vLLM exited during stage 1 (exit code 3)" in errors[0] and "illegal memory access" in errors[0]
     assert not (run / "masks").exists()
+
+
+def test_query_mode_never_drops_the_users_own_boxes(demo: Path, tmp_path: Path):
+    """The VLM rejects every candidate; the object asked for with --box stays."""
+    boxes = _boxes_on_qwen_grid(demo)
+    h, w = np.asarray(Image.open(demo / "image.png")).shape[:2]
+    x0, y0, x1, y1 = boxes[4]["bbox_2d"]
+    user_box = f"{x0 * w / 1000:.0f},{y0 * h / 1000:.0f},{x1 * w / 1000:.0f},{y1 * h / 1000:.0f},my thing"
+    replies = [Reply(content=json.dumps({"objects": boxes[:2]})), Reply(content=json.dumps({"matches": []}))]
+    run = tmp_path / "run"
+    with FakeOpenAIServer(replies) as server:
+        proc = _run("stage1", "--image", demo / "image.png", "--out", run, "--vlm-url", server.url, "--segmenter", "classical",
+                    "--prompt", "nothing here", "--box", user_box, "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    masks = json.loads((run / "masks/masks.json").read_text())["objects"]
+    assert [m["label"] for m in masks] == ["my thing"]
+    assert json.loads((run / "stage1/plan.json").read_text())["verification"]["candidates"] == 2

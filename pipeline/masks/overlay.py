@@ -177,7 +177,7 @@ def _number_tile(
     tile = Image.new("RGBA", (tw, th), (0, 0, 0, 0))
     draw = ImageDraw.Draw(tile)
     rim = max(1, pad // 2)
-    draw.rounded_rectangle((0, 0, tw - 1, th - 1), radius=pad, fill=(20, 20, 20, 220), outline=(*color[:3], 255), width=rim)
+    draw.rounded_rectangle((0, 0, tw - 1, th - 1), radius=pad, fill=(20, 20, 20, 255), outline=(*color[:3], 255), width=rim)
     draw.text((pad - bx0, pad - by0), text, font=draw_font, fill=(255, 255, 255, 255))
     if scale > 1:
         tile = tile.resize((tw * scale, th * scale), Image.NEAREST)

@@ -29,7 +29,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from pipeline.core.config import PlannerConfig, display_url
 from pipeline.core.errors import BackendError, InputError, missing_dependency
@@ -462,84 +462,21 @@ def encode_image_data_url(image: np.ndarray, max_side: int, *, quality: int = 90
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"), pil.size
 
 
-_PALETTE = np.array(
-    [
-        (230, 25, 75),
-        (60, 180, 75),
-        (0, 130, 200),
-        (245, 130, 48),
-        (145, 30, 180),
-        (70, 240, 240),
-        (240, 50, 230),
-        (210, 245, 60),
-        (250, 190, 212),
-        (0, 128, 128),
-        (170, 110, 40),
-        (128, 0, 0),
-    ],
-    dtype=np.float32,
-)
-
-
 def draw_numbered_candidates(image: np.ndarray, masks: list[np.ndarray], *, max_side: int = 0) -> np.ndarray:
-    """Tint and outline each (H, W) bool mask and label it 1..N; returns an RGB uint8 (h, w, 3) image.
+    """The masks over the photo, numbered 1..N (pipeline.masks.overlay.draw_overlay), drawn at the
+    size the VLM will see (`max_side`) so the numbers stay legible after downscaling."""
+    from pipeline.masks.overlay import draw_overlay
 
-    Drawn at the size the VLM will see (`max_side`), so labels stay legible after downscaling.
-    """
     height, width = image.shape[:2]
     scale = max_side / max(height, width) if max_side and max(height, width) > max_side else 1.0
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     base = Image.fromarray(np.ascontiguousarray(image[..., :3]).astype(np.uint8, copy=False), "RGB")
+    small_masks = [np.asarray(m, dtype=bool) for m in masks]
     if scale < 1.0:
         base = base.resize(size, Image.Resampling.LANCZOS)
-    canvas = np.asarray(base, dtype=np.float32).copy()  # (h, w, 3)
-    small_masks = []
-    for mask in masks:
-        m = Image.fromarray(np.asarray(mask, dtype=bool).astype(np.uint8) * 255)
-        if scale < 1.0:
-            m = m.resize(size, Image.Resampling.NEAREST)
-        small_masks.append(np.asarray(m) > 127)  # (h, w) bool
-    thickness = max(1, round(max(size) / 400))
-    for index, mask in enumerate(small_masks):
-        colour = _PALETTE[index % len(_PALETTE)]
-        canvas[mask] = 0.55 * canvas[mask] + 0.45 * colour
-        canvas[_mask_edge(mask, thickness)] = colour
-    out = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8), "RGB")
-    draw = ImageDraw.Draw(out)
-    font = ImageFont.load_default(size=max(12, round(max(size) / 40)))
-    for index, mask in enumerate(small_masks):
-        x, y = _label_point(mask)
-        label = str(index + 1)
-        left, top, right, bottom = draw.textbbox((x, y), label, font=font, anchor="mm")
-        pad = 3
-        draw.rectangle((left - pad, top - pad, right + pad, bottom + pad), fill=(0, 0, 0), outline=(255, 255, 255))
-        draw.text((x, y), label, fill=(255, 255, 255), font=font, anchor="mm")
-    return np.asarray(out)
-
-
-def _mask_edge(mask: np.ndarray, thickness: int) -> np.ndarray:
-    """Pixels of `mask` within `thickness` of its border (4-neighbour erosion with numpy shifts)."""
-    inner = mask.copy()
-    for _ in range(thickness):
-        shrunk = inner.copy()
-        shrunk[1:, :] &= inner[:-1, :]
-        shrunk[:-1, :] &= inner[1:, :]
-        shrunk[:, 1:] &= inner[:, :-1]
-        shrunk[:, :-1] &= inner[:, 1:]
-        shrunk[0, :] = shrunk[-1, :] = False
-        shrunk[:, 0] = shrunk[:, -1] = False
-        inner = shrunk
-    return mask & ~inner
-
-
-def _label_point(mask: np.ndarray) -> tuple[int, int]:
-    """A point inside the mask near its centroid (the centroid of a ring lies outside it)."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return (0, 0)
-    cy, cx = float(ys.mean()), float(xs.mean())
-    nearest = int(np.argmin((ys - cy) ** 2 + (xs - cx) ** 2))
-    return int(xs[nearest]), int(ys[nearest])
+        small_masks = [np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)) > 127 for m in small_masks]
+    # No ids: draw_overlay then numbers the masks by position, 1..N, as the prompt does.
+    return draw_overlay(np.asarray(base), [ObjectMask(mask=m, label="") for m in small_masks], numbered=True)
 
 
 _NONE_ANSWER = re.compile(r"\b(?:none|no candidates?|nothing|neither)\b", re.IGNORECASE)

@@ -5,8 +5,6 @@ Run: .venv/bin/python bench/bench_compose.py
 
 from __future__ import annotations
 
-import os
-import platform
 import sys
 from pathlib import Path
 
@@ -14,7 +12,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from timing import best_of  # bench/timing.py (the bench folder is on sys.path when run as a script)
+from timing import best_of, machine_line  # bench/timing.py (the bench folder is on sys.path when run as a script)
 
 from pipeline.core.types import Gaussians, ObjectGaussians, Pose  # noqa: E402
 from pipeline.scene.compose import compose_scene, quat_normalize  # noqa: E402
@@ -44,8 +42,7 @@ def main() -> None:
         seconds = best_of(lambda o=objects: compose_scene(o))
         label = "uniform" if uniform else "non-uniform (exact, eigh)"
         rows.append((f"{n_obj} x {n_g:,}", label, seconds, n_obj * n_g / seconds))
-    print(f"Machine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"Python {platform.python_version()}, numpy {np.__version__}\n")
+    print(machine_line() + "\n")
     print("| objects x Gaussians | pose scale | seconds | Gaussians/s |")
     print("|---|---|---:|---:|")
     for name, label, s, rate in rows:

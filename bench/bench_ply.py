@@ -7,8 +7,6 @@ Run: .venv/bin/python bench/bench_ply.py [N]
 
 from __future__ import annotations
 
-import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -17,7 +15,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from timing import best_of  # bench/timing.py
+from timing import best_of, machine_line  # bench/timing.py
 
 from pipeline.core.types import Gaussians  # noqa: E402
 from pipeline.scene.ply import PLY_PROPERTIES, read_splat_ply, splat_ply_rows, write_splat_ply  # noqa: E402
@@ -65,8 +63,7 @@ def main() -> None:
         back = read_splat_ply(ours_path)
         read = best_of(lambda: read_splat_ply(ours_path), 3)
         assert len(back) == n
-    print(f"Machine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"Python {platform.python_version()}, numpy {np.__version__}\n")
+    print(machine_line() + "\n")
     print(f"| PLY writer ({n:,} Gaussians) | seconds | Gaussians/s |")
     print("|---|---:|---:|")
     print(f"| ours: vectorized chunks encoded on all cores, overlapping the write (atomic, fsync) | {ours:.3f} | {n / ours / 1e6:.1f} M |")

@@ -5,8 +5,6 @@ Run: .venv/bin/python bench/bench_render.py   (prints a markdown table for docs/
 
 from __future__ import annotations
 
-import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -15,7 +13,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from timing import best_of  # bench/timing.py (the bench folder is on sys.path when run as a script)
+from timing import best_of, machine_line  # bench/timing.py (the bench folder is on sys.path when run as a script)
 
 from pipeline.core.types import ObjectGaussians, ObjectMask  # noqa: E402
 from pipeline.scene.compose import compose_scene  # noqa: E402
@@ -52,8 +50,7 @@ def main() -> None:
         per_frame = [best_of(lambda c=c: render(scene, c), 2) for c in cams]
         rows.append((f"scene orbit {w}x{h}", len(scene), float(np.median(per_frame)), max(per_frame)))
 
-    print(f"Machine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"Python {platform.python_version()}, numpy {np.__version__}")
+    print(machine_line())
     print(f"Demo scene, inflate lifter: {len(objects)} objects, {len(scene)} Gaussians in the scene.\n")
     print("| frame | Gaussians | median s/frame | worst s/frame |")
     print("|---|---:|---:|---:|")

@@ -14,3 +14,16 @@ def best_of(fn: Callable[[], object], repeats: int = 3) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return min(times)
+
+
+def machine_line() -> str:
+    """Where a benchmark ran, for the line above its table."""
+    import os
+    import platform
+
+    import numpy as np
+
+    return (
+        f"Machine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}, numpy {np.__version__}"
+    )

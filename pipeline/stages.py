@@ -85,7 +85,7 @@ def pixels_sha256(rgb: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def prepare_input(paths: RunPaths, image_path: Path) -> tuple[np.ndarray, str, dict[str, Any]]:
+def prepare_input(paths: RunPaths, manifest: Manifest, image_path: Path) -> tuple[np.ndarray, str, dict[str, Any]]:
     """Normalize the photo into <run>/input/image.png.
 
     Returns (rgb, pixel sha256 for resume keys, the run.json record of the photo). The record names
@@ -96,7 +96,7 @@ def prepare_input(paths: RunPaths, image_path: Path) -> tuple[np.ndarray, str, d
     rgb = load_photo(image_path)
     pixels = pixels_sha256(rgb)
     own = paths.input_image.exists() and Path(image_path).resolve() == paths.input_image.resolve()
-    previous = Manifest(paths).data.get("inputs", {}).get("image", {})
+    previous = manifest.data.get("inputs", {}).get("image", {})
     if own and previous.get("pixels_sha256") == pixels:
         return rgb, pixels, previous
     record = {"path": str(image_path), "sha256": sha256_file(image_path), "pixels_sha256": pixels, "width": rgb.shape[1], "height": rgb.shape[0]}
@@ -167,7 +167,7 @@ class Stage1:
         clean_stale_temporaries(paths.written_folders())
         manifest = Manifest(paths)
         t0 = time.perf_counter()
-        image, sha, image_record = prepare_input(paths, Path(image_path))
+        image, sha, image_record = prepare_input(paths, manifest, Path(image_path))
         h, w = image.shape[:2]
         key = self.input_key(sha)
         manifest.update(
@@ -272,7 +272,9 @@ class Stage2:
                 self._lifter = InflateLifter(n_gaussians=self.cfg.lifter.inflate_gaussians)
         return self._lifter
 
-    def load_masks(self, paths: RunPaths, image: np.ndarray, image_sha: str, image_path: Path, masks_path: Path | None, mask_set=None) -> list[ObjectMask]:
+    def load_masks(
+        self, paths: RunPaths, manifest: Manifest, image: np.ndarray, image_sha: str, image_path: Path, masks_path: Path | None, mask_set=None
+    ) -> list[ObjectMask]:
         from pipeline.masks.layouts import find_masks
         from pipeline.masks.store import write_masks
 
@@ -288,7 +290,7 @@ class Stage2:
             return mask_set.masks
         # Foreign masks are copied into this run's masks/ so the run folder stands on its own.
         written = write_masks(paths.masks_dir, image, mask_set.masks, image_sha256=image_sha, meta={"imported_from": str(source), "layout": mask_set.layout, "sources": mask_set.sources, "skipped": mask_set.skipped})
-        Manifest(paths).update(inputs={"masks": {"path": str(source), "layout": mask_set.layout, "skipped": mask_set.skipped}})
+        manifest.update(inputs={"masks": {"path": str(source), "layout": mask_set.layout, "skipped": mask_set.skipped}})
         return written
 
     def process(self, run_dir: Path, image_path: Path | None = None, masks_path: Path | None = None, *, mask_set=None) -> dict[str, Any]:
@@ -304,8 +306,8 @@ class Stage2:
             if not paths.input_image.exists():
                 raise InputError(f"{paths.root} has no input/image.png and no --image was given.", "pass --image PHOTO.")
             image_path = paths.input_image
-        image, sha, image_record = prepare_input(paths, Path(image_path))
-        masks = self.load_masks(paths, image, image_record["sha256"], Path(image_path), masks_path, mask_set)
+        image, sha, image_record = prepare_input(paths, manifest, Path(image_path))
+        masks = self.load_masks(paths, manifest, image, image_record["sha256"], Path(image_path), masks_path, mask_set)
         drop_stale_objects(paths, manifest, {m.id for m in masks}, self.log)
         manifest.update(
             inputs={"image": image_record},

@@ -178,6 +178,8 @@ def test_stage2_on_existing_masks(demo_run: Path, tmp_path: Path, layout: str):
     assert len(json.loads((out / "masks/masks.json").read_text())["objects"]) == 5
     assert len(list((out / "objects").glob("*/object.ply"))) == 5
     assert (out / "scene/scene.ply").is_file()
+    if layout != "run":  # where foreign masks came from stays on record
+        assert json.loads((out / "run.json").read_text())["inputs"]["masks"]["layout"] == layout
 
 
 def _one_line_error(proc: subprocess.CompletedProcess) -> str:

@@ -167,15 +167,14 @@ def _validate_inputs(cfgs, command: str, run_dir: Path):
     """Everything that can be checked before the run folder exists, so bad input leaves nothing
     behind: the photo, --box prompts, --masks. Returns the MaskSet found for --masks (or None)."""
     from pipeline.core.errors import InputError
-    from pipeline.image.load import load_photo
-    from pipeline.stages import parse_box_flags
+    from pipeline.stages import load_input_photo, parse_box_flags
 
     if command != "stage2" and cfgs.run.image is None:
         raise InputError("no --image given.", "pass --image PHOTO.")
     if command == "stage2" and cfgs.run.image is None and not RunPaths(run_dir).input_image.exists():
         raise InputError("stage 2 needs the photo.", "pass --image PHOTO, or --out a run folder that has input/image.png.")
     image_path = Path(cfgs.run.image) if cfgs.run.image is not None else RunPaths(run_dir).input_image
-    rgb = load_photo(image_path)
+    rgb, _ = load_input_photo(image_path)  # decoded once: the stages reuse it
     h, w = rgb.shape[:2]
     parse_box_flags(cfgs.segmenter.box, w, h)
     if command == "stage2" and cfgs.lifter.masks is not None:

@@ -9,6 +9,7 @@ This is the shape a Ray actor wants: construct on a GPU worker, then feed it pho
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import platform
@@ -85,22 +86,45 @@ def pixels_sha256(rgb: np.ndarray) -> str:
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=1)
+def _decoded(path: str, mtime_ns: int, size: int) -> tuple[np.ndarray, str]:
+    from pipeline.image.load import load_photo
+
+    rgb = load_photo(Path(path))
+    rgb.setflags(write=False)  # shared between the CLI's check and both stages: nobody may draw on it
+    return rgb, pixels_sha256(rgb)
+
+
+def load_input_photo(image_path: Path) -> tuple[np.ndarray, str]:
+    """The normalized photo (read-only) and its pixel sha256, decoded once per file version: the
+    CLI's up-front check and both stages of `run` share one decode."""
+    path = Path(image_path).resolve()
+    try:
+        st = path.stat()
+    except OSError:
+        from pipeline.image.load import load_photo
+
+        load_photo(path)  # raises the one-line InputError for a missing or unreadable path
+        raise
+    return _decoded(str(path), st.st_mtime_ns, st.st_size)
+
+
 def prepare_input(paths: RunPaths, manifest: Manifest, image_path: Path) -> tuple[np.ndarray, str, dict[str, Any]]:
-    """Normalize the photo into <run>/input/image.png.
+    """Normalize the photo into <run>/input/image.png (unless it already holds these pixels).
 
     Returns (rgb, pixel sha256 for resume keys, the run.json record of the photo). The record names
     the original file and its sha256; for the run's own input/image.png it is the one already there.
     """
-    from pipeline.image.load import load_photo, save_png
+    from pipeline.image.load import save_png
 
-    rgb = load_photo(image_path)
-    pixels = pixels_sha256(rgb)
+    rgb, pixels = load_input_photo(image_path)
     own = paths.input_image.exists() and Path(image_path).resolve() == paths.input_image.resolve()
     previous = manifest.data.get("inputs", {}).get("image", {})
-    if own and previous.get("pixels_sha256") == pixels:
+    same_pixels = paths.input_image.exists() and previous.get("pixels_sha256") == pixels
+    if own and same_pixels:
         return rgb, pixels, previous
     record = {"path": str(image_path), "sha256": sha256_file(image_path), "pixels_sha256": pixels, "width": rgb.shape[1], "height": rgb.shape[0]}
-    if not own:
+    if not own and not same_pixels:
         save_png(paths.input_image, rgb)
     return rgb, pixels, record
 

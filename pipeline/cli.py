@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pipeline.core import config as C
 from pipeline.core.cli_args import add_config_arguments, config_from_args
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, describe
 from pipeline.core.runfolder import RunPaths, default_run_dir
 
 EXIT_OK, EXIT_PARTIAL, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 5, 130
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except Exception as exc:  # noqa: BLE001 - the last line of defence prints one line, the log has the rest
         logging.getLogger("pipeline").error("internal error\n%s", traceback.format_exc())
-        print(f"error: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
+        print(f"error: internal error: {describe(exc, with_type=True)}", file=sys.stderr)
         print(f"(full log with traceback: {_current_log()})", file=sys.stderr)
         return EXIT_INTERNAL
 

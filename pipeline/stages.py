@@ -23,7 +23,7 @@ import numpy as np
 import pipeline
 from pipeline.core import config as C
 from pipeline.core.atomic import clean_stale_temporaries, write_json_atomic
-from pipeline.core.errors import BackendError, InputError, PipelineError
+from pipeline.core.errors import BackendError, InputError, describe
 from pipeline.core.progress import progress
 from pipeline.core.runfolder import Manifest, RunPaths, sha256_file
 from pipeline.core.types import ObjectMask, Plan, PlanItem
@@ -376,7 +376,7 @@ class Stage2:
             except KeyboardInterrupt:
                 raise
             except Exception as exc:  # one object failing never loses the others
-                status.update(status="failed", error=_one_line(exc))
+                status.update(status="failed", error=describe(exc))
                 self.log(f"stage 2: {m.id} failed: {status['error']}")
             lifter.release()  # after the except block, so a failed call's tensors can really go
             status["seconds"] = round(time.perf_counter() - t, 3)
@@ -460,11 +460,6 @@ OBJECT_OUTPUTS = ("gaussians.pt", "mesh.glb", "object.ply", "object.splat", "tur
 def _remove_outputs(obj_dir: Path) -> None:
     for name in OBJECT_OUTPUTS:
         (obj_dir / name).unlink(missing_ok=True)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}"[:300] if not isinstance(exc, PipelineError) else text[:300]
 
 
 def _jsonable(obj: Any) -> Any:

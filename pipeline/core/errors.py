@@ -40,3 +40,16 @@ def missing_dependency(package: str, env: str, install: str) -> MissingDependenc
         f"Python package '{package}' is not installed in this interpreter (it belongs to the '{env}' env).",
         f"run `{install}`, or run this stage through its script so it uses the '{env}' env.",
     )
+
+
+def describe(exc: BaseException, limit: int = 300, *, with_type: bool | None = None) -> str:
+    """One line for logs and run.json: 'Type: first line of the message', at most `limit` characters.
+
+    PipelineErrors are already written for users, so by default they keep their text without the
+    type; `with_type` forces either way.
+    """
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    if with_type is None:
+        with_type = not isinstance(exc, PipelineError)
+    return (f"{type(exc).__name__}: {first}" if with_type else first)[:limit]

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.config import LifterConfig
-from pipeline.core.errors import BackendError, InputError, MissingDependencyError, PipelineError
+from pipeline.core.errors import BackendError, InputError, MissingDependencyError, PipelineError, describe
 from pipeline.core.hub import hf_token, hub_error
 from pipeline.core.types import Gaussians, ObjectGaussians, ObjectMask, Pose
 
@@ -126,7 +126,7 @@ def list_remote_checkpoints(repo_id: str, token: str | None, endpoint: str | Non
         info = HfApi(endpoint=endpoint, token=token).model_info(repo_id, files_metadata=True)
     except Exception as exc:
         raise hub_error(exc, repo_id) or BackendError(
-            f"could not list the files of {repo_id}: {_short(exc)}", "check the network (or HF_ENDPOINT) and try again; finished files are kept."
+            f"could not list the files of {repo_id}: {_short_error(exc)}", "check the network (or HF_ENDPOINT) and try again; finished files are kept."
         ) from exc
     files = []
     for s in info.siblings or []:
@@ -224,10 +224,10 @@ def _fetch_verified(fetch: Callable[[str, bool], Path], remote: RemoteFile, repo
             if access is not None:
                 raise access from exc
             if _is_consistency_error(exc) and not force:
-                log(f"{remote.name}: corrupt download ({_short(exc)}); downloading this file again")
+                log(f"{remote.name}: corrupt download ({_short_error(exc)}); downloading this file again")
                 continue
             raise BackendError(
-                f"downloading {remote.name} from {repo_id} failed: {_short(exc)}",
+                f"downloading {remote.name} from {repo_id} failed: {_short_error(exc)}",
                 "run again: finished files are kept and partial ones resume.",
             ) from exc
         problem = file_matches(path, remote)
@@ -311,7 +311,7 @@ def load_inference_module(checkout: Path) -> Any:
         spec.loader.exec_module(module)
     except ImportError as exc:
         del sys.modules[name]
-        missing = getattr(exc, "name", None) or _short(exc)
+        missing = getattr(exc, "name", None) or _short_error(exc)
         raise MissingDependencyError(
             f"SAM 3D Objects cannot be imported here: module '{missing}' is missing (python: {sys.executable}).",
             f"run this stage in the '{SAM3D_ENV}' conda env (create it with `{SETUP_COMMAND}`).",
@@ -404,7 +404,7 @@ class Sam3dLifter:
             with torch.no_grad(), device_ctx:
                 out = pipeline.compute_pointmap(rgba)
         except Exception as exc:  # e.g. out of memory on a huge photo: each object computes its own instead
-            failed = _short(exc)
+            failed = _short_error(exc)
         finally:
             pipeline.clip_pointmap_beyond_scale = clip
         if failed is not None:
@@ -446,7 +446,7 @@ class Sam3dLifter:
             except InputError:
                 raise
             except Exception as first:
-                first_cause = _short(first)
+                first_cause = _short_error(first)
             # Outside the except block: the failed call's frames (and their tensors) are gone now.
             self.release()
             self.retried.append(label)
@@ -456,7 +456,7 @@ class Sam3dLifter:
                 raise
             except Exception as second:
                 raise BackendError(
-                    f"SAM 3D Objects failed on {label} twice: {_short(second)} (first try: {first_cause})",
+                    f"SAM 3D Objects failed on {label} twice: {_short_error(second)} (first try: {first_cause})",
                     _fix_for(second),
                 ) from second
         finally:
@@ -566,9 +566,8 @@ def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image[..., :3])
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}"[:240]
+def _short_error(exc: BaseException) -> str:
+    return describe(exc, 240, with_type=True)
 
 
 def _fix_for(exc: BaseException) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.config import ExportConfig
-from pipeline.core.errors import InputError
+from pipeline.core.errors import InputError, describe
 from pipeline.core.progress import progress as show_progress
 from pipeline.core.runfolder import OBJECT_ID_RE, RunPaths
 from pipeline.core.types import GAUSSIAN_FIELDS, ObjectGaussians
@@ -116,7 +116,7 @@ def export_run(
                 write_gif(obj_dir / "turntable.gif", [render_fn(g, cam) for cam in cams], fps)
                 record["files"].append(_rel(obj_dir / "turntable.gif", run_dir))
         except Exception as exc:  # one object's failure never stops the others or the scene
-            record["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+            record["error"] = describe(exc, with_type=True)
         record["seconds"] = round(time.perf_counter() - t0, 3)
         summary["objects"][oid] = record
         loaded.append((oid, obj))

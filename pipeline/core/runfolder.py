@@ -40,10 +40,6 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def default_outputs_root() -> Path:
     """SAM3DGS_OUTPUTS, else the checkout's outputs/ (beside pipeline/), else ./outputs."""
     import os

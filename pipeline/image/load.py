@@ -27,7 +27,6 @@ from PIL import Image, ImageFile, ImageOps
 
 from pipeline.core.atomic import write_with_atomic
 from pipeline.core.errors import InputError
-from pipeline.core.runfolder import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -212,11 +211,6 @@ def save_png(path: Path, rgb_or_gray: np.ndarray, *, compress_level: int = 6) ->
         raise ValueError(f"save_png needs shape (H, W), (H, W, 3) or (H, W, 4), got {arr.shape}")
     image = Image.fromarray(np.ascontiguousarray(arr))  # uint8 (H, W) -> L, (H, W, 3) -> RGB, (H, W, 4) -> RGBA
     return write_with_atomic(Path(path), lambda tmp: image.save(tmp, format="PNG", compress_level=compress_level))
-
-
-def image_sha256(path: Path) -> str:
-    """sha256 of the file's bytes (hex), as recorded in run.json and masks.json."""
-    return sha256_file(path)
 
 
 def _one_line(exc: BaseException) -> str:

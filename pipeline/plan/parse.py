@@ -413,6 +413,6 @@ def box_iou_xyxy(a: tuple[float, float, float, float], b: tuple[float, float, fl
 
 
 def _preview(value: Any, limit: int = 50) -> str:
-    text = repr(value) if not isinstance(value, str) else repr(value)
+    text = repr(value)
     text = "".join(ch if ch.isprintable() else "?" for ch in text)
     return text if len(text) <= limit else text[: limit - 3] + "..."

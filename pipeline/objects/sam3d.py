@@ -436,31 +436,28 @@ class Sam3dLifter:
     def lift_with_retry(self, context: Sam3dPhotoContext, obj: ObjectMask, *, seed: int) -> ObjectGaussians:
         """lift(); on failure free memory and try once more; then a BackendError with the cause.
 
-        Input errors (empty or wrong-size mask) are not retried. GPU memory is released after
-        every object, done or failed.
+        Input errors (empty or wrong-size mask) are not retried. Between objects the caller calls
+        release() (Stage 2 does after every object, done or failed, outside its except block).
         """
         label = obj.id or obj.label
         try:
-            try:
-                return self.lift(context, obj, seed=seed)
-            except InputError:
-                raise
-            except Exception as first:
-                first_cause = _short_error(first)
-            # Outside the except block: the failed call's frames (and their tensors) are gone now.
-            self.release()
-            self.retried.append(label)
-            try:
-                return self.lift(context, obj, seed=seed)
-            except InputError:
-                raise
-            except Exception as second:
-                raise BackendError(
-                    f"SAM 3D Objects failed on {label} twice: {_short_error(second)} (first try: {first_cause})",
-                    _fix_for(second),
-                ) from second
-        finally:
-            self.release()
+            return self.lift(context, obj, seed=seed)
+        except InputError:
+            raise
+        except Exception as first:
+            first_cause = _short_error(first)
+        # Outside the except block: the failed call's frames (and their tensors) are gone now.
+        self.release()
+        self.retried.append(label)
+        try:
+            return self.lift(context, obj, seed=seed)
+        except InputError:
+            raise
+        except Exception as second:
+            raise BackendError(
+                f"SAM 3D Objects failed on {label} twice: {_short_error(second)} (first try: {first_cause})",
+                _fix_for(second),
+            ) from second
 
     def release(self) -> None:
         """Free per-object memory: Python garbage and the CUDA cache."""

@@ -2,7 +2,7 @@
 # Sets up the test dependencies (project venv .venv/, plus Chromium for the browser tests where
 # apt-get can install it) and runs the whole test suite. Extra arguments go to pytest.
 source "$(dirname "$0")/envs/common.sh"
-ensure_venv "$SAM3DGS_ROOT/envs/requirements-test.txt"
+ensure_venv "$SAM3DGS_ROOT/envs/requirements-test.txt" "$SAM3DGS_ROOT/envs/requirements-ray.txt"
 if ! command -v chromium >/dev/null 2>&1 && [ "${SAM3DGS_NO_APT:-0}" != 1 ] && command -v apt-get >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then sudo=""; elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; else sudo=skip; fi
   if [ "$sudo" != skip ]; then

@@ -69,12 +69,14 @@ python_ok() {  # python >= 3.10?
 }
 
 # Create the light venv and install its requirements once (re-run when requirements change).
+# Arguments: extra requirements files installed on top (e.g. envs/requirements-test.txt).
 ensure_venv() {
-  local req="$SAM3DGS_ROOT/envs/requirements-lite.txt" extra="${1:-}" stamp py f missing=0
+  local req="$SAM3DGS_ROOT/envs/requirements-lite.txt" stamp py f missing=0 extras=("$@") extra_args=()
+  for f in "${extras[@]}"; do extra_args+=(-r "$f"); done
   # The stamp lists a hash per requirements file installed, so the demo after the tests (or the
   # other way round) does not reinstall anything.
   stamp="$SAM3DGS_VENV/.sam3d-gs-requirements"
-  for f in "$req" ${extra:+"$extra"}; do
+  for f in "$req" "${extras[@]}"; do
     grep -qx "$(sha256sum "$f" | cut -c1-16)" "$stamp" 2>/dev/null || missing=1
   done
   if [ -x "$SAM3DGS_VENV/bin/python" ] && [ "$missing" = 0 ]; then link_project_into_venv; return 0; fi
@@ -90,10 +92,17 @@ ensure_venv() {
   # SAM3DGS_PIP_ARGS lets users add e.g. '--extra-index-url https://download.pytorch.org/whl/cpu'.
   # shellcheck disable=SC2086
   "$SAM3DGS_VENV/bin/python" -m pip install --disable-pip-version-check ${SAM3DGS_PIP_ARGS:-} \
-      -r "$req" ${extra:+-r "$extra"} >>"$log" 2>&1 \
+      -r "$req" "${extra_args[@]}" >>"$log" 2>&1 \
     || die "installing the light requirements failed: see $log (last line: $(tail -n 1 "$log"))." 3
-  for f in "$req" ${extra:+"$extra"}; do sha256sum "$f" | cut -c1-16; done >>"$stamp"
+  for f in "$req" "${extras[@]}"; do sha256sum "$f" | cut -c1-16; done >>"$stamp"
   link_project_into_venv
+}
+
+# Ray for --engine ray: installed into the light venv on first use (never into the model envs).
+# Call after parse_common_args; does nothing unless the arguments ask for the Ray engine.
+ensure_ray_if_asked() {
+  [ "$(flag_value --engine)" = ray ] || return 0
+  ensure_venv "$SAM3DGS_ROOT/envs/requirements-ray.txt"
 }
 
 # Make `import pipeline` work in the venv from any folder: a .pth file naming this checkout

@@ -64,6 +64,13 @@ class FakeOpenAIServer:
     host: str = "127.0.0.1"
     port: int = 0
     requests: list[Recorded] = field(default_factory=list)
+    # Test instrumentation, not an imitation of vLLM (its counterpart would be the Prometheus gauge
+    # vllm:num_requests_running): each chat request waits chat_delay seconds while counted in flight,
+    # and appends {"event": "chat", "in_flight": k, "max_in_flight": m} to stats_path when it arrives.
+    chat_delay: float = 0.0
+    stats_path: Path | None = None
+    in_flight: int = 0
+    max_in_flight: int = 0
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -108,6 +115,12 @@ class FakeOpenAIServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def record_stat(self, event: dict[str, Any]) -> None:
+        """One JSON line appended to stats_path (one write per line: lines of concurrent requests never interleave)."""
+        if self.stats_path is not None:
+            with open(self.stats_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(event) + "\n")
 
     def next_reply(self, body: dict[str, Any]) -> Reply:
         with self._lock:
@@ -202,6 +215,20 @@ class _Handler(BaseHTTPRequestHandler):
         if body.get("model") != self.owner.model:
             self._error(404, f"The model `{body.get('model')}` does not exist.", "NotFoundError")
             return
+        owner = self.owner
+        with owner._lock:
+            owner.in_flight += 1
+            owner.max_in_flight = max(owner.max_in_flight, owner.in_flight)
+            owner.record_stat({"event": "chat", "in_flight": owner.in_flight, "max_in_flight": owner.max_in_flight, "time": time.time()})
+        try:
+            if owner.chat_delay:
+                time.sleep(owner.chat_delay)
+            self._answer_chat(body)
+        finally:
+            with owner._lock:
+                owner.in_flight -= 1
+
+    def _answer_chat(self, body: dict[str, Any]) -> None:
         reply = self.owner.next_reply(body)
         if reply.delay:
             time.sleep(reply.delay)

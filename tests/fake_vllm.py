@@ -10,6 +10,9 @@ Behaviour switches (environment):
   FAKE_VLLM_PIDFILE       write "<server pid> <worker pid>" here
   FAKE_VLLM_REPLY_FILE    a JSON list of chat answers (strings) to replay, in order (the last one repeats)
   FAKE_VLLM_DIE_ON_CHAT   1: exit (code 3, a CUDA error in the log) on the first chat request, mid-run
+  FAKE_VLLM_STATS         append JSON lines here: {"event": "start", "pid": N, "port": P} per server start and
+                          {"event": "chat", "in_flight": k, "max_in_flight": m} per chat request (test counting only)
+  FAKE_VLLM_CHAT_DELAY    seconds each chat request takes (while counted in flight), so concurrency is observable
 """
 
 from __future__ import annotations
@@ -65,6 +68,10 @@ def main(argv: list[str]) -> int:
     log(f"argv: {' '.join(argv)}")
     log(f"api key from: {'argv' if args.api_key else ('env' if os.environ.get('VLLM_API_KEY') else 'none')}")
     log(f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}")
+    stats = Path(os.environ["FAKE_VLLM_STATS"]) if os.environ.get("FAKE_VLLM_STATS") else None
+    if stats is not None:
+        with open(stats, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"event": "start", "pid": os.getpid(), "port": args.port, "time": time.time()}) + "\n")
     if os.environ.get("FAKE_VLLM_IGNORE_TERM") == "1":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     worker = None
@@ -106,7 +113,12 @@ def main(argv: list[str]) -> int:
         replies = [Reply(content=text) for text in json.loads(Path(os.environ["FAKE_VLLM_REPLY_FILE"]).read_text())]
     server = FakeOpenAIServer(
         replies=replies,
-        api_key=args.api_key or os.environ.get("VLLM_API_KEY"), model=args.served_model_name or args.model, host=host, port=args.port
+        api_key=args.api_key or os.environ.get("VLLM_API_KEY"),
+        model=args.served_model_name or args.model,
+        host=host,
+        port=args.port,
+        chat_delay=float(os.environ.get("FAKE_VLLM_CHAT_DELAY", "0")),
+        stats_path=stats,
     )
     if os.environ.get("FAKE_VLLM_DIE_ON_CHAT") == "1":
 

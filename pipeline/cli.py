@@ -32,6 +32,8 @@ COMMANDS = {
     "view": "Interactive 3D viewer of a run's scene in the browser (viser, on 127.0.0.1).",
     "serve-vlm": "Start vLLM for the planner and keep it running until Ctrl-C; prints its URL.",
     "doctor": "Check everything the full profile needs and print the command that fixes each gap.",
+    "batch": "Many photos (a folder or a list file) through the stages, models loaded once per worker; --out is the batch root.",
+    "worker": "A batch stage worker speaking the line protocol on stdin/stdout (started by `batch`; see docs/BATCH.md).",
 }
 STAGE_COMMANDS = ("run", "stage1", "stage2", "demo")
 
@@ -58,6 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
             add_config_arguments(p, C.VLMServerConfig)
             add_config_arguments(p, C.PlannerConfig)
             p.add_argument("--log-dir", type=Path, default=Path("outputs/vlm-server"), help="Where vllm.log goes.")
+        elif name in ("batch", "worker"):
+            if name == "batch":
+                add_config_arguments(p, C.BatchConfig)
+            else:
+                p.add_argument("--stage", required=True, choices=["stage1", "stage2"], help="Which stage this worker runs.")
+                p.add_argument("--concurrency", type=int, default=1, help="Photos in flight at once (stage 1 with a VLM: its requests overlap).")
+            seen = set()
+            for cls in C.STAGE_CONFIGS:
+                add_config_arguments(p, cls, seen)
         elif name == "doctor":
             add_config_arguments(p, C.SegmenterConfig)
             add_config_arguments(p, C.LifterConfig)
@@ -340,6 +351,18 @@ def cmd_doctor(args: argparse.Namespace, log_path: Path) -> int:
     )
 
 
+def cmd_batch(args: argparse.Namespace, log_path: Path) -> int:
+    from pipeline.batch.driver import run_batch
+
+    return run_batch(config_from_args(C.BatchConfig, args), _configs(args), log=say)
+
+
+def cmd_worker(args: argparse.Namespace, log_path: Path) -> int:
+    from pipeline.batch.worker import worker_main
+
+    return worker_main(args.stage, args.concurrency, _configs(args))
+
+
 COMMAND_FUNCS = {
     "run": cmd_stage,
     "stage1": cmd_stage,
@@ -350,4 +373,6 @@ COMMAND_FUNCS = {
     "view": cmd_view,
     "serve-vlm": cmd_serve_vlm,
     "doctor": cmd_doctor,
+    "batch": cmd_batch,
+    "worker": cmd_worker,
 }

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import platform
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,18 +138,28 @@ class Stage1:
         self.choice = choice or choose_backends(cfg.run, cfg.planner, cfg.server, cfg.segmenter, cfg.lifter)
         self.log = log
         self._segmenter = None
+        # A batch worker plans several photos at once in threads (VLM requests overlap); the one
+        # segmenter (one model on one GPU) takes them one at a time.
+        self._segment_lock = threading.RLock()
 
     def segmenter(self):
-        if self._segmenter is None:
-            if self.choice.segmenter == "sam3":
-                from pipeline.masks.sam3 import Sam3Segmenter
+        with self._segment_lock:
+            if self._segmenter is None:
+                if self.choice.segmenter == "sam3":
+                    from pipeline.masks.sam3 import Sam3Segmenter
 
-                self._segmenter = Sam3Segmenter(self.cfg.segmenter, device=self.cfg.run.device)
-            else:
-                from pipeline.masks.classical import ClassicalSegmenter
+                    self._segmenter = Sam3Segmenter(self.cfg.segmenter, device=self.cfg.run.device)
+                else:
+                    from pipeline.masks.classical import ClassicalSegmenter
 
-                self._segmenter = ClassicalSegmenter()
-        return self._segmenter
+                    self._segmenter = ClassicalSegmenter()
+            return self._segmenter
+
+    def _segment(self, image: np.ndarray, plan: Plan | None) -> tuple[list[ObjectMask], Any]:
+        """Masks and the segmenter's report for this call, read under the same lock."""
+        with self._segment_lock:
+            masks = self.segmenter().segment(image, plan)
+            return masks, getattr(self._segmenter, "last_report", None)
 
     @contextlib.contextmanager
     def planner(self, paths: RunPaths):
@@ -223,7 +234,7 @@ class Stage1:
                 # Scene mode needs the VLM no more: stop vLLM now so SAM3 gets its GPU memory.
                 server_scope.close()
             t = time.perf_counter()
-            masks = self.segmenter().segment(image, plan if plan.items else None)
+            masks, seg_report = self._segment(image, plan if plan.items else None)
             timings["segment"] = time.perf_counter() - t
             # The user's own --box objects are kept as asked; only the planner's candidates are checked.
             own = [m for m in masks if _from_user_box(m, boxes)]
@@ -241,7 +252,6 @@ class Stage1:
             )
         from pipeline.masks.store import write_masks
 
-        seg_report = getattr(self._segmenter, "last_report", None)
         written = write_masks(paths.masks_dir, image, masks, image_sha256=image_record["sha256"], meta={"input_key": key, "segmenter": self.choice.segmenter, "planner": self.choice.planner, "segmenter_report": seg_report})
         timings["total"] = time.perf_counter() - t0
         # New masks replace the old list: objects of an earlier masks/ must not linger in run.json or objects/.

@@ -120,6 +120,32 @@ class ExportConfig:
 STAGE_CONFIGS = (RunConfig, PlannerConfig, VLMServerConfig, SegmenterConfig, LifterConfig, ExportConfig)
 
 
+@dataclass
+class BatchConfig:
+    """`batch`: a folder (or list) of photos through the stages, models loaded once per worker (docs/BATCH.md).
+    --out is the batch root: one run folder per photo under it, plus batch.json and index.html."""
+
+    images: Path | None = opt(None, "A folder of photos (searched recursively; hidden files skipped) or a text file listing one photo path per line.")
+    stage: Literal["all", "1", "2"] = opt("all", "Which stages: all, 1 (plan + masks), or 2 (3D objects, for the photos whose stage 1 is done).")
+    engine: Literal["local", "ray"] = opt("local", "local: worker processes on this machine; ray: Ray actors on this machine or a cluster (--ray-address).")
+    ray_address: str | None = opt(None, "Ray cluster to join, e.g. 'auto' or 'ray://head:10001' (default: start a local Ray).", env="SAM3DGS_RAY_ADDRESS")
+    vlm_concurrency: int = opt(8, "VLM requests in flight at once over all stage 1 workers (vLLM batches them).")
+    worker_gpus: str | None = opt(None, "Local engine: GPU ids the stage workers share out, e.g. '0,1,2,3' (default: CUDA_VISIBLE_DEVICES, else every GPU nvidia-smi lists).")
+    stage1_workers: int = opt(0, "Stage 1 workers (0: one per GPU, one on a machine without GPUs).")
+    stage2_workers: int = opt(0, "Stage 2 workers (0: one per GPU, one on a machine without GPUs); several per GPU need --stage2-gpus below 1 on Ray.")
+    stage1_gpus: float | None = opt(None, "Ray: GPUs per stage 1 worker, fractions allowed (default: 1 where the cluster has GPUs, else 0).")
+    stage2_gpus: float | None = opt(None, "Ray: GPUs per stage 2 worker, fractions allowed, e.g. 0.5 for two SAM 3D workers per 141 GB GPU (default: 1 where the cluster has GPUs, else 0).")
+    vlm_gpus: float | None = opt(None, "Ray: GPUs for each node's vLLM server (default: 1 where the cluster has GPUs, else 0).")
+    worker_cpus: float = opt(1.0, "Ray: CPUs reserved per stage worker.")
+    pipelined: bool = opt(False, "Run stage 2 on a photo as soon as its stage 1 is done (default: all of stage 1, then stage 2 on every GPU).")
+    max_attempts: int = opt(3, "Tries per photo when its worker process dies (a crash, out of memory); then the photo is marked failed.")
+    retry_failed: bool = opt(False, "Also redo photos that failed or were partial in an earlier batch for the same inputs (crashed ones are always retried).")
+    stage1_python: str | None = opt(None, "Interpreter for stage 1 workers (the sam3 env's python; default: this one).", env="SAM3DGS_STAGE1_PYTHON")
+    stage2_python: str | None = opt(None, "Interpreter for stage 2 workers (the sam3d-objects env's python; default: this one).", env="SAM3DGS_STAGE2_PYTHON")
+    worker_ready_timeout: float = opt(3600.0, "Seconds a stage worker may take to load its models before it counts as failed.")
+
+
+
 def env_default(f: dataclasses.Field) -> Any:
     name = f.metadata.get("env")
     if name and os.environ.get(name):

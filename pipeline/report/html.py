@@ -355,7 +355,7 @@ thead th { background:#eef1f4; }
 td.num, th.num { text-align:right; font-variant-numeric:tabular-nums; white-space:nowrap; }
 table.kv th { width:220px; color:var(--muted); font-weight:500; }
 .status { font-weight:600; }
-.status-done { color:var(--ok); } .status-failed { color:var(--bad); } .status-skipped { color:var(--warn); }
+.status-done { color:var(--ok); } .status-failed { color:var(--bad); } .status-skipped, .status-partial { color:var(--warn); } .status-pending { color:var(--muted); }
 td.error { color:var(--bad); max-width:420px; word-break:break-word; }
 .cards { display:grid; grid-template-columns:repeat(auto-fill, minmax(220px, 1fr)); gap:12px; }
 .card { border:1px solid var(--line); border-radius:6px; padding:8px; background:#fbfcfd; }
@@ -661,11 +661,15 @@ def _is_run_dir(path: Path) -> bool:
 def write_index(root: Path, *, build_missing_reports: bool = True) -> Path:
     """Write `<root>/index.html` linking each run's report.html, with a thumbnail and object count.
 
-    Runs without a report get one first (`build_missing_reports`), so no link is dead.
+    Runs without a report get one first (`build_missing_reports`), so no link is dead. The root
+    of a batch (it has batch.json) gets the batch index instead: every photo with its status.
     """
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"Folder of runs not found: {root}.", "pass the output root, e.g. outputs/.")
+    batch = _read_json(root / "batch.json", [], "batch.json")
+    if isinstance(batch, dict) and isinstance(batch.get("photos"), list):
+        return write_batch_index(root, batch["photos"])
     runs = sorted((p for p in root.iterdir() if _is_run_dir(p)), key=lambda p: p.stat().st_mtime, reverse=True)
     tiles = []
     for run_dir in runs:
@@ -691,3 +695,43 @@ def write_index(root: Path, *, build_missing_reports: bool = True) -> Path:
     body = f'<div class="runs">{"".join(tiles)}</div>' if tiles else '<p class="missing">No runs in this folder.</p>'
     header = f'<header><h1>sam3d-gs runs in {_e(root.resolve().name)}</h1><div class="meta">{len(tiles)} run(s)</div></header>'
     return write_text_atomic(root / "index.html", _page(f"sam3d-gs runs · {root.name}", header, body))
+
+
+BATCH_STATUSES = ("done", "partial", "failed", "pending")
+
+
+def write_batch_index(root: Path, photos: list[dict[str, Any]]) -> Path:
+    """`<root>/index.html` of a batch: one row per photo of batch.json with its status, objects,
+    time and error, linking its report (or its run folder while it has none). Built from the rows
+    alone, never from the photos, so it takes milliseconds for thousands of them."""
+    root = Path(root)
+    counts = {s: 0 for s in BATCH_STATUSES}
+    rows = []
+    for n, p in enumerate(photos, 1):
+        status = str(p.get("status", "pending"))
+        counts[status] = counts.get(status, 0) + 1
+        rel = str(p.get("run_dir", ""))
+        href = urllib.parse.quote(rel) + ("/report.html" if (root / rel / "report.html").is_file() else "/")
+        image = str(p.get("image", ""))
+        seconds = _as_float(p.get("seconds"))
+        rows.append(
+            f'<tr class="photo" data-status="{_e(status)}"><td class="num">{n}</td>'
+            f'<td><a href="{_e(href)}">{_e(rel)}</a><div class="sub">{_e(image[:300])}</div></td>'
+            f'<td class="status status-{_e(status)}">{_e(status)}</td>'
+            f'<td class="num">{_fmt_int(_as_int(p.get("objects")))}</td>'
+            f'<td class="num">{_fmt_seconds(seconds)}</td>'
+            f'<td class="error">{_e(str(p.get("error") or "")[:300])}</td></tr>'
+        )
+    table = (
+        '<table class="batch"><thead><tr><th class="num">#</th><th>photo (run folder)</th><th>status</th>'
+        '<th class="num">objects</th><th class="num">time</th><th>error</th></tr></thead><tbody>'
+        + "".join(rows)
+        + "</tbody></table>"
+    )
+    summary = ", ".join(f'<span class="status-{s}">{counts[s]} {s}</span>' for s in BATCH_STATUSES if counts.get(s))
+    header = (
+        f"<header><h1>sam3d-gs batch in {_e(root.resolve().name)}</h1>"
+        f'<div class="meta">{len(photos)} photo(s): {summary or "none"}; details in batch.json</div></header>'
+    )
+    body = f"<section>{table}</section>" if rows else '<p class="missing">No photos in this batch.</p>'
+    return write_text_atomic(root / "index.html", _page(f"sam3d-gs batch · {root.name}", header, body))

@@ -1,0 +1,383 @@
+"""`python -m pipeline batch`: find the photos, skip what is done, run the stages on an engine.
+
+    run_batch(batch_cfg, configs) -> exit code (0 all done, 1 some photos or objects failed)
+
+Stage-major by default: every photo's stage 1 (one vLLM server for all of it, only if some photo
+still needs planning and no --vlm-url was given), then every photo's stage 2 on all workers.
+--pipelined sends a photo to stage 2 as soon as its stage 1 is done. What is done is decided from
+each run folder's run.json records (pipeline.batch.manifest), so a rerun of a finished batch starts
+no server and no worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from pathlib import Path
+from typing import Any
+
+from pipeline.batch import manifest as M
+from pipeline.batch.photos import Photo, find_photos
+from pipeline.batch.protocol import WorkerSpec, config_argv, config_env
+from pipeline.core.errors import InputError, describe
+
+STAGE_NAMES = {"stage1": "stage 1", "stage2": "stage 2"}
+
+
+def _stages(stage: str) -> list[str]:
+    return {"all": ["stage1", "stage2"], "1": ["stage1"], "2": ["stage2"]}[stage]
+
+
+def _photos_from_batch(root: Path) -> list[Photo]:
+    data = M.read_batch(root)
+    if data is None:
+        raise InputError(
+            f"{root} has no batch.json, and no --images was given.",
+            "pass --images DIR (or a list file), or --out the root of an earlier batch.",
+        )
+    photos = []
+    for row in data["photos"]:
+        image, run_rel = str(row.get("image", "")), str(row.get("run_dir", ""))
+        if not run_rel or run_rel.startswith(("/", "..")) or "/../" in f"/{run_rel}/":
+            continue  # a hand-edited row pointing outside the root is ignored
+        photos.append(Photo(Path(image), image, run_rel))
+    if not photos:
+        raise InputError(f"{root}/batch.json lists no photos.", "pass --images DIR to (re)discover them.")
+    return photos
+
+
+@contextlib.contextmanager
+def _root_lock(root: Path):
+    """One batch at a time per root (flock: released by the kernel even after kill -9)."""
+    lock_path = root / ".batch.lock"
+    fh = open(lock_path, "a+")  # noqa: SIM115 - held for the whole batch
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            raise InputError(f"another batch is running on {root} (pid {holder}).", "wait for it to finish, or use another --out.") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        yield
+    finally:
+        fh.close()
+
+
+class _Progress:
+    """One bar over photo-stages, labelled with the current stage; on a terminal only."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.bar = None
+        if enabled and total and sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc="batch", unit="photo", file=sys.stderr, dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def stage(self, name: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(f"batch {name}")
+
+    def step(self, note: str | None = None) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if note:
+                self.bar.set_postfix_str(note[:40])
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def make_engine(bcfg: Any):
+    if bcfg.engine == "ray":
+        from pipeline.batch.ray_engine import RayEngine  # the only place Ray is imported
+
+        return RayEngine(bcfg)
+    from pipeline.batch.local import LocalEngine
+
+    return LocalEngine(bcfg)
+
+
+def run_batch(bcfg: Any, cfgs: Any, *, log: Callable[[str], None] = print) -> int:
+    """Run the batch; returns 0 when every photo is done, 1 when some failed, are partial or pending.
+    Raises PipelineError for bad input (no photos, --image with --images ...)."""
+    if cfgs.run.image is not None:
+        raise InputError("--image and --images are exclusive.", "use --image PHOTO for one photo, or --images DIR for a batch.")
+    if cfgs.run.out is None:
+        raise InputError("a batch needs --out ROOT.", "pass --out ROOT: one run folder per photo goes under it.")
+    root = Path(cfgs.run.out).expanduser().absolute()
+    stages = _stages(bcfg.stage)
+    if root.exists() and not root.is_dir():
+        raise InputError(f"--out {root} is a file, not a folder.", "pass a new folder or the root of an earlier batch.")
+    if bcfg.images is not None:
+        photos = find_photos(Path(bcfg.images))
+    elif stages == ["stage2"]:
+        photos = _photos_from_batch(root)
+    else:
+        raise InputError("no --images given.", "pass --images DIR (a folder of photos) or a text file listing them.")
+    if bcfg.max_attempts < 1 or bcfg.vlm_concurrency < 1:
+        raise InputError("--max-attempts and --vlm-concurrency must be at least 1.", "pass a positive number.")
+    root.mkdir(parents=True, exist_ok=True)
+    with _root_lock(root):
+        return _Batch(bcfg, cfgs, root, photos, stages, log).run()
+
+
+class _Batch:
+    def __init__(self, bcfg: Any, cfgs: Any, root: Path, photos: list[Photo], stages: list[str], log: Callable[[str], None]):
+        self.bcfg, self.cfgs, self.root, self.photos, self.stages, self.log = bcfg, cfgs, root, photos, stages, log
+        self.keys = {s: M.stage_key(s, cfgs) for s in ("stage1", "stage2")}
+        self.records: list[dict[str, dict | None]] = []
+        from pipeline.stages import versions
+
+        self.manifest = M.BatchManifest(
+            root,
+            engine=bcfg.engine,
+            config={"batch": _record(bcfg), **cfgs.record()},
+            versions=versions(),
+            rows=[M.PhotoRow(str(p.path), p.run_rel) for p in photos],
+            images=str(bcfg.images) if bcfg.images is not None else None,
+            stages=stages,
+        )
+        self.progress: _Progress | None = None
+        self.engine = None
+        self.pools: dict[str, Any] = {}
+        self.vlm = None
+
+    # ---- state from the run folders
+
+    def run_dir(self, i: int) -> Path:
+        return self.root / self.photos[i].run_rel
+
+    def _known(self, i: int, stage: str) -> dict | None:
+        if self.cfgs.run.force:
+            return None
+        rec = M.stage_record(self.run_dir(i), stage, self.photos[i].path if stage == "stage1" else None, self.keys[stage])
+        if rec is not None and self.bcfg.retry_failed and rec.get("status") in ("failed", "partial"):
+            return None
+        return rec
+
+    def _refresh_row(self, i: int) -> None:
+        row, recs = self.manifest.rows[i], self.records[i]
+        row.status = M.photo_status(self.stages, recs)
+        last = next((recs[s] for s in reversed(self.stages) if recs.get(s) is not None), None)
+        row.stage = next((s for s in reversed(self.stages) if recs.get(s) is not None), None)
+        row.error = next((recs[s].get("error") for s in self.stages if recs.get(s) and recs[s].get("error")), None)
+        row.objects = int(last.get("objects", 0)) if last else 0
+        row.seconds = sum(float(recs[s].get("seconds") or 0) for s in self.stages if recs.get(s))
+
+    def _needs_stage2(self, i: int) -> bool:
+        if self.records[i].get("stage2") is not None:
+            return False
+        if "stage1" in self.stages:
+            rec = self.records[i].get("stage1")
+            return rec is not None and rec.get("status") == "done"
+        return (self.run_dir(i) / "masks" / "masks.json").is_file()
+
+    # ---- the run
+
+    def run(self) -> int:
+        t0 = time.perf_counter()
+        for i in range(len(self.photos)):
+            self.records.append({s: self._known(i, s) for s in self.stages})
+            self._refresh_row(i)
+        todo1 = [i for i in range(len(self.photos)) if "stage1" in self.stages and self.records[i]["stage1"] is None]
+        todo2 = [i for i in range(len(self.photos)) if "stage2" in self.stages and self._needs_stage2(i)]
+        done_before = len(self.photos) - len({*todo1, *todo2})
+        self.log(f"batch: {len(self.photos)} photos under {self.root}; {done_before} need nothing, "
+                 f"{len(todo1)} need stage 1" + (f", {len(todo2)} stage 2 now" if "stage2" in self.stages else ""))
+        interrupted = False
+        try:
+            if todo1 or todo2:
+                self.progress = _Progress(self.cfgs.run.progress, len(todo1) + (len(todo2) if "stage1" not in self.stages else 0))
+                self.engine = make_engine(self.bcfg)
+                if todo1:
+                    self._stage1(todo1)
+                if "stage2" in self.stages and not (self.bcfg.pipelined and todo1):
+                    todo2 = [i for i in range(len(self.photos)) if self._needs_stage2(i)]
+                    if todo2:
+                        self._run_stage("stage2", todo2)
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
+        finally:
+            self._shutdown(kill=interrupted)
+            for i in range(len(self.photos)):
+                self._refresh_row(i)
+            self.manifest.save(force=True)
+            self._index()
+            if self.progress is not None:
+                self.progress.close()
+        counts = self.manifest.counts()
+        self.log(f"batch: {counts['done']} done, {counts['partial']} partial, {counts['failed']} failed, "
+                 f"{counts['pending']} pending of {len(self.photos)} photos in {time.perf_counter() - t0:.1f} s "
+                 f"(summary: {self.manifest.path}, index: {self.root / 'index.html'})")
+        for row in self.manifest.rows:
+            if row.status in ("failed", "partial") and row.error:
+                self.log(f"  {row.status}: {row.image}: {row.error}")
+        return 0 if counts["done"] == len(self.photos) else 1
+
+    def _spec(self, stage: str, concurrency: int, env: dict[str, str]) -> WorkerSpec:
+        python = (self.bcfg.stage1_python if stage == "stage1" else self.bcfg.stage2_python) or sys.executable
+        return WorkerSpec(
+            stage=stage,
+            flags=config_argv(self.cfgs),
+            python=str(python),
+            concurrency=concurrency,
+            env={**config_env(self.cfgs), **env},
+            max_attempts=self.bcfg.max_attempts,
+            ready_timeout=self.bcfg.worker_ready_timeout,
+            log_dir=self.root / "logs",
+        )
+
+    def _stage1(self, todo: list[int]) -> None:
+        from pipeline.selection import choose_backends
+
+        c = self.cfgs
+        choice = choose_backends(c.run, c.planner, c.server, c.segmenter, c.lifter)
+        n = self.engine.default_workers("stage1")
+        env: dict[str, str] = {}
+        concurrency = 1
+        if choice.planner == "vlm":
+            concurrency = max(1, math.ceil(self.bcfg.vlm_concurrency / n))
+            if choice.start_vlm_server:
+                self.vlm = self.engine.vlm(self.cfgs, self.root / "logs")
+                self.log("batch: starting one vLLM server for stage 1")
+                env = self.vlm.start()
+                self.manifest.vlm = self.vlm.info()
+        if self.progress:
+            self.progress.stage("stage 1")
+        spec = self._spec("stage1", concurrency, env)
+        if self.bcfg.pipelined and "stage2" in self.stages:
+            self._pipelined(todo, spec, n)
+            return
+        self._run_stage("stage1", todo, spec=spec, n=n)
+        if self.vlm is not None:
+            self.vlm.stop()
+            self.vlm = None
+
+    def _open(self, stage: str, spec: WorkerSpec, n: int):
+        self.log(f"batch: starting {n} {STAGE_NAMES[stage]} worker(s) on the {self.engine.name} engine")
+        pool = self.engine.open_pool(spec, n)
+        self.pools[stage] = pool
+        self.manifest.workers[stage] = pool.info()
+        return pool
+
+    def _close(self, stage: str) -> None:
+        pool = self.pools.pop(stage, None)
+        if pool is not None:
+            pool.close()
+
+    def _run_stage(self, stage: str, todo: list[int], *, spec: WorkerSpec | None = None, n: int | None = None) -> None:
+        if spec is None:
+            spec = self._spec(stage, 1, {})
+        if n is None:
+            n = self.engine.default_workers(stage)
+        if self.progress:
+            self.progress.stage(STAGE_NAMES[stage])
+            if stage == "stage2" and "stage1" in self.stages and self.progress.bar is not None:
+                self.progress.bar.total = (self.progress.bar.total or 0) + len(todo)
+                self.progress.bar.refresh()
+        pool = self._open(stage, spec, n)
+        futures = {self._submit(pool, stage, i): (stage, i) for i in todo}
+        self._collect(futures)
+        self._close(stage)
+
+    def _pipelined(self, todo: list[int], spec1: WorkerSpec, n1: int) -> None:
+        pool1 = self._open("stage1", spec1, n1)
+        pool2 = self._open("stage2", self._spec("stage2", 1, {}), self.engine.default_workers("stage2"))
+        if self.progress and self.progress.bar is not None:
+            self.progress.bar.total = (self.progress.bar.total or 0) + len(todo)
+        futures = {self._submit(pool1, "stage1", i): ("stage1", i) for i in todo}
+        planning = set(todo)
+        for i in range(len(self.photos)):
+            if i not in planning and self._needs_stage2(i):
+                futures[self._submit(pool2, "stage2", i)] = ("stage2", i)
+
+        def then(stage: str, i: int) -> dict[Future, tuple[str, int]]:
+            if stage == "stage1" and self._needs_stage2(i):
+                return {self._submit(pool2, "stage2", i): ("stage2", i)}
+            return {}
+
+        self._collect(futures, then=then, until_stage1_done=self._stop_vlm_when_planned)
+        self._close("stage1")
+        self._close("stage2")
+
+    def _stop_vlm_when_planned(self) -> None:
+        if self.vlm is not None:
+            self.vlm.stop()
+            self.vlm = None
+        self._close("stage1")
+
+    def _submit(self, pool: Any, stage: str, i: int) -> Future:
+        self.manifest.rows[i].stage = stage
+        return pool.submit(str(self.photos[i].path), str(self.run_dir(i)), self.keys[stage])
+
+    def _collect(self, futures: dict[Future, tuple[str, int]], *, then=None, until_stage1_done=None) -> None:
+        pending = dict(futures)
+        stage1_left = sum(1 for s, _ in pending.values() if s == "stage1")
+        while pending:
+            done, _ = wait(list(pending), timeout=1.0, return_when=FIRST_COMPLETED)
+            for f in done:
+                stage, i = pending.pop(f)
+                self._finish(stage, i, f)
+                if then is not None:
+                    pending.update(then(stage, i))
+                if stage == "stage1":
+                    stage1_left -= 1
+                    if stage1_left == 0 and until_stage1_done is not None:
+                        until_stage1_done()
+            self.manifest.save()
+
+    def _finish(self, stage: str, i: int, future: Future) -> None:
+        try:
+            ans = future.result()
+        except Exception as exc:  # noqa: BLE001 - a worker that cannot run is this photo's failure
+            ans = {"status": "failed", "error": describe(exc), "objects": 0, "seconds": 0.0, "final": False}
+        rec = {k: ans.get(k) for k in ("status", "error", "objects", "seconds", "final")}
+        self.records[i][stage] = rec
+        self._refresh_row(i)
+        if rec["status"] != "done" and not rec.get("final", True):
+            self.log(f"{STAGE_NAMES[stage]}: {self.photos[i].rel}: {rec['status']}: {rec['error']}")
+        if self.progress:
+            self.progress.step(self.photos[i].rel)
+
+    def _shutdown(self, *, kill: bool) -> None:
+        for stage in list(self.pools):
+            pool = self.pools.pop(stage)
+            with contextlib.suppress(Exception):
+                pool.kill() if kill else pool.close()
+        if self.vlm is not None:
+            with contextlib.suppress(Exception):
+                self.vlm.stop()
+            self.vlm = None
+        if self.engine is not None:
+            with contextlib.suppress(Exception):
+                self.engine.shutdown()
+
+    def _index(self) -> None:
+        try:
+            from pipeline.report.html import write_batch_index
+
+            write_batch_index(self.root, [r.record() for r in self.manifest.rows])
+        except Exception as exc:  # noqa: BLE001 - the index is a convenience; batch.json has it all
+            self.log(f"batch: index.html not written: {describe(exc, with_type=True)}")
+
+
+def _record(cfg: Any) -> dict[str, Any]:
+    from pipeline.core.config import to_record
+
+    return to_record(cfg)
+

@@ -1,0 +1,208 @@
+"""`python -m pipeline worker --stage stage1|stage2 [flags]`: the child side of the batch protocol.
+
+Builds Stage1 or Stage2 once and loads its models eagerly (the segmenter, or the lifter) before it
+says "ready", so a missing model or dependency shows at start, not on the first photo. Then answers
+photo requests from stdin, `concurrency` at a time, in completion order. A photo's failure is an
+answer, never a crash. Stdout carries only protocol lines: fd 1 is pointed at stderr so nothing a
+library prints can corrupt them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from pipeline.batch import manifest as M
+from pipeline.batch.protocol import PROTOCOL_VERSION, answer, decode, encode
+from pipeline.core.errors import InputError, PipelineError, describe
+from pipeline.core.runfolder import RunPaths
+
+_OWN_ENTRIES = {"run.json", "report.html", "input", "logs", "stage1", "masks", "objects", "scene"}
+
+
+class _PhotoLog:
+    """`log=` for the stages: each line to stderr (the worker's log) and to the photo's
+    <run>/logs/pipeline.log, chosen per thread since photos run concurrently."""
+
+    def __init__(self) -> None:
+        self.local = threading.local()
+        self.logger = logging.getLogger("pipeline")
+
+    def __call__(self, msg: str) -> None:
+        run = getattr(self.local, "run", None)
+        line = f"{time.strftime('%H:%M:%S')} {msg}"
+        print(f"[{run.name if run else '-'}] {line}", file=sys.stderr, flush=True)
+        if run is not None:
+            try:
+                with open(RunPaths(run).logs_dir / "pipeline.log", "a", encoding="utf-8") as fh:
+                    fh.write(line + "\n")
+            except OSError:
+                pass
+
+
+class StageWorker:
+    """One stage, built once; `handle(request)` processes one photo and returns the answer."""
+
+    def __init__(self, stage: str, cfgs: Any, *, log: _PhotoLog):
+        from pipeline.selection import choose_backends
+        from pipeline.stages import Stage1, Stage2
+
+        self.stage = stage
+        self.cfgs = cfgs
+        self.log = log
+        self.choice = choose_backends(cfgs.run, cfgs.planner, cfgs.server, cfgs.segmenter, cfgs.lifter)
+        if stage == "stage1":
+            if self.choice.planner == "vlm" and self.choice.start_vlm_server:
+                raise InputError(
+                    "a stage 1 batch worker needs a running VLM server (SAM3DGS_VLM_URL); it does not start vLLM itself.",
+                    "run it through `python -m pipeline batch` (which starts one server), or set SAM3DGS_VLM_URL.",
+                )
+            self.runner = Stage1(cfgs, self.choice, log=log)
+            self.runner.segmenter()  # load now: a broken model fails the start, not every photo
+        else:
+            self.runner = Stage2(cfgs, self.choice, log=log)
+            self.runner.lifter()
+        self.key = M.stage_key(stage, cfgs)
+
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        rid = str(request.get("id", ""))
+        t0 = time.perf_counter()
+        image = str(request.get("image") or "")
+        run_dir = Path(str(request.get("run_dir") or ""))
+        key = str(request.get("key") or self.key)
+        self.log.local.run = run_dir
+        stamp = M.file_stamp(Path(image)) if image else None
+        masks_stamp = None
+        status, error, objects, final = "failed", None, 0, True
+        try:
+            _check_run_dir(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            RunPaths(run_dir).logs_dir.mkdir(parents=True, exist_ok=True)
+            if self.stage == "stage1":
+                if not image:
+                    raise InputError("the request names no image.", "send {'id', 'image', 'run_dir'}.")
+                result = self.runner.process(Path(image), run_dir)
+                status, objects = "done", int(result.get("objects", 0))
+            else:
+                masks_stamp = M.file_stamp(RunPaths(run_dir).masks_json)
+                # The run's own input/image.png: same pixels as the photo, and present even if the photo moved.
+                result = self.runner.process(run_dir, None)
+                states = [o.get("status") for o in result["objects"].values()]
+                objects = states.count("done")
+                failed = len(states) - objects
+                status = "done" if failed == 0 else "partial" if objects else "failed"
+                if failed:
+                    errors = [o.get("error") for o in result["objects"].values() if o.get("status") != "done"]
+                    error = f"{failed} of {len(states)} objects failed: {next((e for e in errors if e), 'see run.json')}"
+        except PipelineError as exc:
+            error = describe(exc)
+            # Bad input (a corrupt photo, no objects found) stays bad: a rerun need not retry it.
+            final = isinstance(exc, InputError)
+            self.log(f"{self.stage} failed: {error}")
+        except Exception as exc:  # noqa: BLE001 - one photo's bug is its answer, the worker goes on
+            error = describe(exc, with_type=True)
+            final = False
+            self.log(f"{self.stage} failed: {error}\n{traceback.format_exc()}")
+        seconds = time.perf_counter() - t0
+        try:
+            M.record_stage(run_dir, self.stage, image=image, image_stamp=stamp, key=key, status=status, error=error,
+                           objects=objects, seconds=seconds, final=final, masks_stamp=masks_stamp)
+        except Exception as exc:  # noqa: BLE001 - the answer still goes back
+            self.log(f"could not record the result in run.json: {describe(exc, with_type=True)}")
+        finally:
+            self.log.local.run = None
+        return answer(rid, status, error=error, objects=objects, seconds=seconds, final=final)
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    """A run folder is new, empty, or ours: never write into someone else's folder."""
+    if not run_dir.is_absolute():
+        raise InputError(f"run_dir {run_dir} is not absolute.", "the driver sends absolute paths.")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"{run_dir} is a file, not a run folder.", "move it away; the batch puts this photo's run folder there.")
+    if run_dir.is_dir() and not (run_dir / "run.json").exists():
+        foreign = {e for e in os.listdir(run_dir) if not e.startswith(".tmp-")} - _OWN_ENTRIES
+        if foreign:
+            raise InputError(
+                f"{run_dir} holds other files ({', '.join(sorted(foreign)[:3])}) and no run.json.",
+                "move them away; the batch puts this photo's run folder there.",
+            )
+
+
+def _protocol_out() -> BinaryIO:
+    """A private copy of stdout for protocol lines; fd 1 then points at stderr."""
+    out = os.fdopen(os.dup(1), "wb", buffering=0)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return out
+
+
+def worker_main(stage: str, concurrency: int, cfgs: Any) -> int:
+    """Run the worker loop until {"op": "exit"} or end of stdin. Returns the exit code."""
+    out = _protocol_out()
+    write_lock = threading.Lock()
+
+    def send(message: dict[str, Any]) -> None:
+        with write_lock:
+            out.write(encode(message))
+
+    log = _PhotoLog()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("pipeline").addHandler(handler)
+    logging.getLogger("pipeline").setLevel(logging.INFO)
+    cfgs.run.progress = False  # no bars inside workers: the driver shows one over photos
+    try:
+        worker = StageWorker(stage, cfgs, log=log)
+    except PipelineError as exc:
+        send({"event": "fatal", "error": str(exc), "exit_code": exc.exit_code})
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - reported to the driver, then exit
+        send({"event": "fatal", "error": describe(exc, with_type=True), "exit_code": 5})
+        traceback.print_exc()
+        return 5
+    from pipeline.stages import versions
+
+    send({"event": "ready", "protocol": PROTOCOL_VERSION, "pid": os.getpid(), "stage": stage, "concurrency": concurrency,
+          "backends": worker.choice.record(), "versions": versions()})
+
+    in_flight = 0
+    lock = threading.Lock()
+
+    def run(request: dict[str, Any]) -> None:
+        nonlocal in_flight
+        try:
+            send(worker.handle(request))
+        finally:
+            with lock:
+                in_flight -= 1
+
+    with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix=f"{stage}-photo") as pool:
+        for raw in sys.stdin.buffer:
+            try:
+                message = decode(raw)
+            except ValueError:
+                print(f"ignored a line that is not a JSON object: {raw[:80]!r}", file=sys.stderr)
+                continue
+            if message.get("op") == "exit":
+                break
+            with lock:
+                in_flight += 1
+            pool.submit(run, message)
+        else:
+            with lock:
+                busy = in_flight
+            if busy:
+                # stdin closed with photos in flight: the driver is gone (killed) or stopping now.
+                # Stop at once; atomic writes leave every file whole, the next run cleans temporaries.
+                print(f"stdin closed with {busy} photo(s) in flight: the driver is gone; exiting now", file=sys.stderr, flush=True)
+                os._exit(0)
+    return 0

@@ -268,9 +268,9 @@ class _Batch:
             self.vlm.stop()
             self.vlm = None
 
-    def _open(self, stage: str, spec: WorkerSpec, n: int):
+    def _open(self, stage: str, spec: WorkerSpec, n: int, *, wait: bool = True):
         self.log(f"batch: starting {n} {STAGE_NAMES[stage]} worker(s) on the {self.engine.name} engine")
-        pool = self.engine.open_pool(spec, n)
+        pool = self.engine.open_pool(spec, n, wait=wait)
         self.pools[stage] = pool
         self.manifest.workers[stage] = pool.info()
         return pool
@@ -297,7 +297,8 @@ class _Batch:
 
     def _pipelined(self, todo: list[int], spec1: WorkerSpec, n1: int) -> None:
         pool1 = self._open("stage1", spec1, n1)
-        pool2 = self._open("stage2", self._spec("stage2", 1, {}), self.engine.default_workers("stage2"))
+        # Not waited for: on a small cluster stage 2's actors may only fit once stage 1's are gone.
+        pool2 = self._open("stage2", self._spec("stage2", 1, {}), self.engine.default_workers("stage2"), wait=False)
         if self.progress and self.progress.bar is not None:
             self.progress.bar.total = (self.progress.bar.total or 0) + len(todo)
         futures = {self._submit(pool1, "stage1", i): ("stage1", i) for i in todo}

@@ -166,7 +166,8 @@ class LocalEngine:
         n = self.bcfg.stage1_workers if stage == "stage1" else self.bcfg.stage2_workers
         return n if n > 0 else max(1, len(self.gpus()))
 
-    def open_pool(self, spec: WorkerSpec, n_workers: int) -> LocalPool:
+    def open_pool(self, spec: WorkerSpec, n_workers: int, *, wait: bool = True) -> LocalPool:
+        """Start the workers (always waiting: local children start at once or fail)."""
         pool = LocalPool(spec, n_workers, self.gpus())
         pool.start()
         return pool

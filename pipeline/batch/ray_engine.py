@@ -1,0 +1,367 @@
+"""RayEngine (`--engine ray [--ray-address ADDR]`): stage workers as Ray actors, on one machine or a cluster.
+
+The only module that imports Ray, and only inside functions (so `import pipeline.batch.ray_engine`
+works without it). Ray Core actors, not Ray Data (docs/BATCH.md says why):
+
+- each stage worker is an actor (num_gpus / num_cpus from the flags; Ray sets CUDA_VISIBLE_DEVICES)
+  owning ONE WorkerProcess child started with that stage's interpreter, which inherits the actor's
+  CUDA_VISIBLE_DEVICES. Ray itself stays in the light env; the model envs never import it;
+- the driver keeps the photo queue and gives an actor a photo only when it has a free slot (ray.wait
+  on the requests in flight), so a dead actor takes at most its in-flight photos with it, and those are
+  sent again (bounded by --max-attempts). Actors: max_restarts bounded, max_task_retries=0: we retry
+  ourselves, idempotently (atomic writes, skip-done in the stages);
+- one vLLM server per node, as an actor pinned there (NodeAffinitySchedulingStrategy) that runs
+  pipeline.plan.server.VLLMServer; each stage 1 actor is pinned to a node with a server and reaches it
+  on 127.0.0.1 (the server never listens on other interfaces).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from pipeline.batch.protocol import WorkerSpec, WorkerStartError, project_root
+from pipeline.core.errors import BackendError, missing_dependency
+
+ACTOR_MAX_RESTARTS = 2
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError as exc:
+        raise missing_dependency("ray", "light venv (.venv)", "pip install -r envs/requirements-ray.txt") from exc
+    return ray
+
+
+# ---------------------------------------------------------------- actor bodies (plain classes; Ray wraps them)
+
+
+class StageActor:
+    """Owns one stage worker child; `process` is called by up to `concurrency` threads at once."""
+
+    def __init__(self, spec: WorkerSpec, name: str, env: dict[str, str]):
+        self.worker = spec.make(name, env)
+
+    def start(self) -> dict[str, Any]:
+        import ray
+
+        ready = dict(self.worker.start())
+        ready["node_id"] = ray.get_runtime_context().get_node_id()
+        ready["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+        return ready
+
+    def process(self, image: str, run_dir: str, key: str | None) -> dict[str, Any]:
+        return self.worker.process(image, run_dir, key=key)  # (re)starts the child when needed
+
+    def close(self) -> None:
+        self.worker.close()
+
+
+class VLMServerActor:
+    """One vLLM server on this actor's node for the duration of stage 1."""
+
+    def __init__(self, server_cfg: Any, served_model_name: str, log_path: str):
+        from pipeline.plan.server import VLLMServer
+
+        self.server = VLLMServer(server_cfg, Path(log_path), served_model_name=served_model_name)
+
+    def start(self) -> dict[str, str]:
+        self.server.start()
+        return {"SAM3DGS_VLM_URL": self.server.url, "SAM3DGS_VLM_API_KEY": self.server.api_key, "SAM3DGS_VLM_MODEL": self.server.model_name}
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+# ---------------------------------------------------------------- pools
+
+
+class _Job:
+    __slots__ = ("image", "run_dir", "key", "future", "tries")
+
+    def __init__(self, image: str, run_dir: str, key: str | None, future: Future):
+        self.image, self.run_dir, self.key, self.future, self.tries = image, run_dir, key, future, 0
+
+
+class RayPool:
+    """One stage's actors, fed by a dispatcher thread: photos wait in the driver until an actor has a slot."""
+
+    def __init__(self, engine: RayEngine, spec: WorkerSpec, n: int, *, num_gpus: float, node_env: dict[str, dict[str, str]] | None = None):
+        ray = _ray()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self.spec = spec
+        self.max_tries = spec.max_attempts
+        remote = ray.remote(StageActor)
+        nodes = sorted(node_env) if node_env else []
+        self.actors: list[dict[str, Any]] = []
+        for i in range(max(1, n)):
+            options: dict[str, Any] = {
+                "num_gpus": num_gpus,
+                "num_cpus": engine.bcfg.worker_cpus,
+                "max_concurrency": spec.concurrency,
+                "max_restarts": ACTOR_MAX_RESTARTS,
+                "max_task_retries": 0,
+            }
+            env: dict[str, str] = {}
+            if nodes:  # stage 1 with per-node vLLM servers: on a node that has one, using it
+                node = nodes[i % len(nodes)]
+                options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
+                env = node_env[node]  # type: ignore[index]
+            handle = remote.options(**options).remote(spec, f"{spec.stage}-worker-{i}", env)
+            self.actors.append({"handle": handle, "name": f"{spec.stage}-worker-{i}", "state": "starting", "busy": 0,
+                                "start": handle.start.remote(), "ready": None, "error": None})
+        self.jobs: collections.deque[_Job] = collections.deque()
+        self.cond = threading.Condition()
+        self.running: dict[Any, tuple[_Job, dict[str, Any]]] = {}
+        self.fatal: BaseException | None = None
+        self._stop = False
+        self.thread = threading.Thread(target=self._dispatch, name=f"ray-{spec.stage}-dispatch", daemon=True)
+        self.thread.start()
+
+    def wait_started(self) -> None:
+        """Block until one actor is ready; raise the start error if every one failed."""
+        while True:
+            with self.cond:
+                states = [a["state"] for a in self.actors]
+                if "ready" in states:
+                    return
+                if all(s == "dead" for s in states):
+                    raise self.fatal or BackendError(f"no {self.spec.stage} worker started.", "see ROOT/logs/.")
+                self.cond.wait(0.2)
+
+    def submit(self, image: str, run_dir: str, key: str | None = None) -> Future:
+        future: Future = Future()
+        with self.cond:
+            self.jobs.append(_Job(image, run_dir, key, future))
+            self.cond.notify_all()
+        return future
+
+    def _dispatch(self) -> None:
+        ray = _ray()
+        from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
+
+        while True:
+            with self.cond:
+                if self._stop:
+                    return
+                alive = [a for a in self.actors if a["state"] != "dead"]
+                if not alive:
+                    self._fail_all(self.fatal or BackendError(f"every {self.spec.stage} Ray actor died.", "see ROOT/logs/ and the Ray logs."))
+                for a in self.actors:
+                    while a["state"] == "ready" and a["busy"] < self.spec.concurrency and self.jobs:
+                        job = self.jobs.popleft()
+                        job.tries += 1
+                        ref = a["handle"].process.remote(job.image, job.run_dir, job.key)
+                        a["busy"] += 1
+                        self.running[ref] = (job, a)
+                starts = {a["start"]: a for a in self.actors if a["state"] == "starting"}
+                refs = list(self.running) + list(starts)
+                if not refs:
+                    self.cond.wait(0.2)
+                    continue
+            done, _ = ray.wait(refs, num_returns=1, timeout=0.2)
+            for ref in done:
+                with self.cond:
+                    if ref in starts:
+                        a = starts[ref]
+                        try:
+                            a["ready"] = ray.get(ref)
+                            a["state"] = "ready"
+                        except RayTaskError as exc:
+                            a["state"], a["error"] = "dead", exc
+                            self.fatal = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
+                        except RayActorError as exc:
+                            a["state"], a["error"] = "dead", exc
+                            self.fatal = self.fatal or exc
+                        self.cond.notify_all()
+                        continue
+                    job, a = self.running.pop(ref)
+                    a["busy"] -= 1
+                try:
+                    job.future.set_result(ray.get(ref))
+                except RayTaskError as exc:
+                    cause = getattr(exc, "cause", None)
+                    if isinstance(cause, WorkerStartError):
+                        with self.cond:
+                            a["state"], a["error"] = "dead", cause
+                            self.fatal = cause
+                        self._retry(job, cause)
+                    else:
+                        job.future.set_exception(cause if isinstance(cause, BaseException) else exc)
+                except RayActorError as exc:
+                    # The actor process died (node lost, OOM-killed): Ray restarts it (bounded); the photo goes again.
+                    if isinstance(exc, ActorDiedError):
+                        with self.cond:
+                            a["state"], a["error"] = "dead", exc
+                    self._retry(job, exc)
+
+    def _retry(self, job: _Job, exc: BaseException) -> None:
+        with self.cond:
+            if job.tries < self.max_tries and any(a["state"] != "dead" for a in self.actors):
+                self.jobs.appendleft(job)
+                self.cond.notify_all()
+                return
+        job.future.set_exception(exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        while self.jobs:
+            job = self.jobs.popleft()
+            if not job.future.done():
+                job.future.set_exception(exc)
+
+    def close(self, *, graceful: bool = True) -> None:
+        ray = _ray()
+        with self.cond:
+            self._stop = True
+            self.cond.notify_all()
+        self.thread.join(timeout=5)
+        if graceful:
+            closing = [a["handle"].close.remote() for a in self.actors if a["state"] == "ready"]
+            if closing:
+                ray.wait(closing, num_returns=len(closing), timeout=60)
+        for a in self.actors:
+            try:
+                ray.kill(a["handle"], no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
+    def kill(self) -> None:
+        self.close(graceful=False)
+
+    def info(self) -> list[dict[str, Any]]:
+        out = []
+        for a in self.actors:
+            r = a["ready"] or {}
+            out.append({"name": a["name"], "state": a["state"], "pid": r.get("pid"), "node_id": r.get("node_id"), "gpu": r.get("cuda_visible_devices")})
+        return out
+
+
+class RayVLM:
+    """One vLLM server actor per node that has GPUs (every alive node on a cluster without GPUs)."""
+
+    def __init__(self, engine: RayEngine, cfgs: Any, log_dir: Path):
+        ray = _ray()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self.engine = engine
+        nodes = engine.nodes(gpu_only=True) or engine.nodes()
+        gpus = engine.bcfg.vlm_gpus if engine.bcfg.vlm_gpus is not None else (0.5 if engine.total_gpus() else 0)
+        remote = ray.remote(VLMServerActor)
+        self.actors: dict[str, Any] = {}
+        for node in nodes:
+            self.actors[node] = remote.options(
+                num_gpus=gpus, num_cpus=1, max_restarts=0, max_concurrency=2,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
+            ).remote(cfgs.server, cfgs.planner.vlm_model, str(log_dir / f"vllm-{node[:8]}.log"))
+        self.env_by_node: dict[str, dict[str, str]] = {}
+
+    def start(self) -> dict[str, str]:
+        ray = _ray()
+        from ray.exceptions import RayTaskError
+
+        refs = {node: a.start.remote() for node, a in self.actors.items()}
+        for node, ref in refs.items():
+            try:
+                self.env_by_node[node] = ray.get(ref)
+            except RayTaskError as exc:
+                cause = getattr(exc, "cause", None)
+                raise cause if isinstance(cause, BaseException) else exc from None
+        return {}  # stage 1 actors take their node's server from env_by_node
+
+    def info(self) -> dict[str, Any]:
+        return {"servers": {node: env["SAM3DGS_VLM_URL"] for node, env in self.env_by_node.items()}}
+
+    def stop(self) -> None:
+        ray = _ray()
+        stops = [a.stop.remote() for a in self.actors.values()]
+        if stops:
+            ray.wait(stops, num_returns=len(stops), timeout=60)
+        for a in self.actors.values():
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001
+                pass
+        self.actors = {}
+
+
+# ---------------------------------------------------------------- engine
+
+
+class RayEngine:
+    name = "ray"
+
+    def __init__(self, bcfg: Any):
+        ray = _ray()
+        self.bcfg = bcfg
+        self.vlm_handle: RayVLM | None = None
+        address = bcfg.ray_address or None
+        if address is None:
+            # A local Ray we start: its raylet kills our actors' children even after an actor crash.
+            os.environ.setdefault("RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper", "1")
+        self._started = not ray.is_initialized()
+        if self._started:
+            try:
+                ray.init(
+                    address=address,
+                    include_dashboard=False,
+                    log_to_driver=False,  # workers log to ROOT/logs/ and the run folders
+                    runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}},
+                )
+            except ConnectionError as exc:
+                raise BackendError(f"cannot reach the Ray cluster at {address}: {exc}.", "start it with `ray start --head` or fix --ray-address.") from exc
+
+    def nodes(self, *, gpu_only: bool = False) -> list[str]:
+        ray = _ray()
+        return sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and (not gpu_only or n.get("Resources", {}).get("GPU", 0) > 0))
+
+    def total_gpus(self) -> float:
+        return float(_ray().cluster_resources().get("GPU", 0))
+
+    def stage_gpus(self, stage: str) -> float:
+        value = self.bcfg.stage1_gpus if stage == "stage1" else self.bcfg.stage2_gpus
+        if value is not None:
+            return float(value)
+        if not self.total_gpus():
+            return 0.0
+        return 0.5 if stage == "stage1" else 1.0  # stage 1 shares its GPU with its node's vLLM
+
+    def default_workers(self, stage: str) -> int:
+        n = self.bcfg.stage1_workers if stage == "stage1" else self.bcfg.stage2_workers
+        if n > 0:
+            return n
+        if stage == "stage1":
+            return max(1, len(self.nodes(gpu_only=True)))  # stage 1 waits on the VLM: one per node is enough
+        gpus = self.stage_gpus(stage)
+        return max(1, int(self.total_gpus() // gpus)) if gpus else 1
+
+    def open_pool(self, spec: WorkerSpec, n: int, *, wait: bool = True) -> RayPool:
+        node_env = self.vlm_handle.env_by_node if (spec.stage == "stage1" and self.vlm_handle is not None) else None
+        pool = RayPool(self, spec, n, num_gpus=self.stage_gpus(spec.stage), node_env=node_env)
+        if wait:
+            try:
+                pool.wait_started()
+            except BaseException:
+                pool.kill()
+                raise
+        return pool
+
+    def vlm(self, cfgs: Any, log_dir: Path) -> RayVLM:
+        self.vlm_handle = RayVLM(self, cfgs, log_dir)
+        return self.vlm_handle
+
+    def shutdown(self) -> None:
+        if self._started:
+            _ray().shutdown()
+
+
+def _pythonpath() -> str:
+    root = str(project_root())
+    current = os.environ.get("PYTHONPATH")
+    return root + (os.pathsep + current if current else "")
+

@@ -411,9 +411,11 @@ class Stage2:
 
         t = time.perf_counter()
         K = manifest.data.get("stats", {}).get("intrinsics")
-        summary = export_run(paths.root, self.cfg.export, progress=self.cfg.run.progress, intrinsics=None if K is None else np.asarray(K, np.float32))
+        previous = None if self.cfg.run.force else manifest.data.get("export")  # files already written for the same inputs stay
+        summary = export_run(paths.root, self.cfg.export, progress=self.cfg.run.progress, intrinsics=None if K is None else np.asarray(K, np.float32), previous=previous)
         manifest.update(timings={"export": round(time.perf_counter() - t, 4)}, export=_jsonable(summary))
-        write_report(paths, manifest)
+        if not (summary.get("scene", {}).get("resumed") and paths.report.is_file()):
+            write_report(paths, manifest)  # nothing new to show when every export file was reused
         return summary
 
 

@@ -10,6 +10,8 @@ objects/<id>/mesh.glb files exist.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ import numpy as np
 from pipeline.core.config import ExportConfig
 from pipeline.core.errors import InputError, describe
 from pipeline.core.progress import progress as show_progress
-from pipeline.core.runfolder import OBJECT_ID_RE, RunPaths
+from pipeline.core.runfolder import OBJECT_ID_RE, RunPaths, sha256_file
 from pipeline.core.types import GAUSSIAN_FIELDS, ObjectGaussians
 from pipeline.objects.gaussians_pt import load_object_pt
 from pipeline.scene.compose import compose_scene, pose_to_matrix
@@ -58,46 +60,90 @@ def _rel(path: Path, root: Path) -> str:
     return str(path.relative_to(root))
 
 
+def _input_key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _files_present(record: dict[str, Any] | None, run_dir: Path) -> bool:
+    return bool(record) and all((run_dir / f).is_file() for f in record.get("files", []))
+
+
 def export_run(
     run_dir: Path,
     cfg: ExportConfig,
     *,
     progress: bool = True,
     intrinsics: np.ndarray | None = None,
+    previous: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the per-object and scene files of a run folder. Returns a JSON-able summary.
 
     `intrinsics` is the photo's 3x3 K at its full resolution, when a lifter recorded it; otherwise
     the scene GIF uses `default_intrinsics` (the same assumption as `photo_camera`).
     Unreadable gaussians.pt files are reported under their object, never fatal.
+
+    `previous`: the summary an earlier export returned (run.json's "export"). An object whose files
+    are all there and whose input key (the sha256 of its gaussians.pt and the settings its files
+    depend on) is unchanged is not written again; the scene likewise, from the keys of its objects.
+    A rerun of a finished photo therefore renders nothing.
     """
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
     paths = RunPaths(run_dir)
     if not paths.objects_dir.is_dir():
         raise InputError(f"{paths.objects_dir} does not exist.", "run stage 2 first, or pass the run folder itself.")
-    render_fn, renderer, renderer_reason = pick_renderer(cfg.renderer) if cfg.turntable else (None, "none", "turntable off")
     fps = float(cfg.gif_fps)
+    before = previous if isinstance(previous, dict) else {}
+    before_objects = before.get("objects") if isinstance(before.get("objects"), dict) else {}
 
     summary: dict[str, Any] = {
         "objects": {},
         "scene": {"files": [], "notes": []},
-        "renderer": renderer,
-        "renderer_reason": renderer_reason,
+        "renderer": before.get("renderer"),
+        "renderer_reason": before.get("renderer_reason"),
         "seconds": {},
     }
-    loaded: list[tuple[str, ObjectGaussians]] = []
+    # The renderer asked for, not the one picked: picking imports torch and gsplat, which a rerun
+    # with nothing to render must not pay for.
+    object_cfg = (cfg.renderer, cfg.turntable, cfg.gif_frames, cfg.gif_size, cfg.gif_fps)
+    keys: dict[str, str] = {}
+    pending: list[tuple[str, Path, str]] = []
     object_dirs = sorted(d for d in paths.objects_dir.iterdir() if d.is_dir() and OBJECT_ID_RE.match(d.name))
-    for obj_dir in show_progress(object_dirs, progress, "export objects"):
+    for obj_dir in object_dirs:
         oid = obj_dir.name
         pt = obj_dir / "gaussians.pt"
         if not pt.is_file():
             summary["objects"][oid] = {"skipped": "no gaussians.pt (stage 2 did not finish this object)"}
             continue
+        keys[oid] = key = _input_key(sha256_file(pt), object_cfg)
+        old = before_objects.get(oid)
+        # Reused: files written for this very gaussians.pt and settings, or the same unreadable file.
+        if isinstance(old, dict) and old.get("key") == key and (old.get("unreadable") or (not old.get("error") and _files_present(old, run_dir))):
+            summary["objects"][oid] = {**old, "resumed": True}
+        pending.append((oid, pt, key))
+    meshes = {oid: sha256_file(p) for oid in keys if (p := paths.object_dir(oid) / "mesh.glb").is_file()}
+    K_key = None if intrinsics is None else np.asarray(intrinsics, np.float64).round(6).tolist()
+    scene_key = _input_key(sorted(keys.items()), meshes, cfg.renderer, cfg.turntable, cfg.gif_frames, cfg.scene_gif_size, cfg.gif_fps, K_key, _photo_size(paths))
+    old_scene = before.get("scene") if isinstance(before.get("scene"), dict) else None
+    scene_done = bool(keys) and old_scene is not None and old_scene.get("key") == scene_key and _files_present(old_scene, run_dir)
+    objects_done = all(summary["objects"].get(oid, {}).get("resumed") for oid in keys)
+    if scene_done and objects_done:
+        summary["scene"] = {**old_scene, "resumed": True}
+        summary["seconds"] = {"objects": 0.0, "scene": 0.0, "total": round(time.perf_counter() - t_start, 3)}
+        return summary
+    render_fn, renderer, renderer_reason = pick_renderer(cfg.renderer) if cfg.turntable else (None, "none", "turntable off")
+    summary.update(renderer=renderer, renderer_reason=renderer_reason)
+
+    loaded: list[tuple[str, ObjectGaussians]] = []
+    for oid, pt, key in show_progress(pending, progress, "export objects"):
+        obj_dir = pt.parent
+        resumed = summary["objects"].get(oid, {})
+        if resumed.get("unreadable") or (scene_done and resumed.get("resumed")):
+            continue  # neither its files nor the scene need it
         try:
             obj = load_object_pt(pt)
         except InputError as exc:
-            summary["objects"][oid] = {"error": str(exc)}
+            summary["objects"][oid] = {"error": str(exc), "unreadable": True, "key": key}
             continue
         t0 = time.perf_counter()
         # Non-finite Gaussians are dropped once here, so bounds, cameras and renders stay finite too.
@@ -105,7 +151,10 @@ def export_run(
         for name in GAUSSIAN_FIELDS:
             finite &= np.isfinite(getattr(obj.gaussians, name)).all(axis=1)
         obj.gaussians = g = obj.gaussians.take(finite)
-        record: dict[str, Any] = {"n_gaussians": len(g), "source": obj.source, "files": [], "dropped_nonfinite": int((~finite).sum())}
+        loaded.append((oid, obj))
+        if summary["objects"].get(oid, {}).get("resumed"):
+            continue  # its files are already written for these inputs; it is loaded for the scene only
+        record: dict[str, Any] = {"n_gaussians": len(g), "source": obj.source, "files": [], "dropped_nonfinite": int((~finite).sum()), "key": key}
         try:
             write_splat_ply(obj_dir / "object.ply", g)
             write_splat(obj_dir / "object.splat", g)
@@ -119,12 +168,13 @@ def export_run(
             record["error"] = describe(exc, with_type=True)
         record["seconds"] = round(time.perf_counter() - t0, 3)
         summary["objects"][oid] = record
-        loaded.append((oid, obj))
     summary["seconds"]["objects"] = round(time.perf_counter() - t_start, 3)
 
     t_scene = time.perf_counter()
     scene = summary["scene"]
-    if not loaded:
+    if scene_done:
+        summary["scene"] = {**old_scene, "resumed": True}  # type: ignore[dict-item]
+    elif not loaded:
         scene["notes"].append("no readable objects: scene files not written")
     else:
         scene_g, object_index = compose_scene([obj for _, obj in loaded])
@@ -149,6 +199,7 @@ def export_run(
         glb = _compose_meshes(paths, loaded, scene["notes"])
         if glb is not None:
             scene["files"].append(_rel(glb, run_dir))
+        scene["key"] = scene_key  # later runs with the same objects and settings reuse these files
     summary["seconds"]["scene"] = round(time.perf_counter() - t_scene, 3)
     summary["seconds"]["total"] = round(time.perf_counter() - t_start, 3)
     return summary

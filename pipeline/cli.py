@@ -168,6 +168,17 @@ def _resolve_run_dir(cfgs, command: str, *, allow: frozenset[str] = frozenset())
     return run_dir
 
 
+def _pin_gpu(device: str) -> None:
+    """Stage 2 runs in its own process: `--device cuda:N` becomes that process's only GPU, because
+    upstream SAM 3D Objects assumes GPU 0 in places (pipeline.core.device.pin_cuda_device)."""
+    import os
+
+    from pipeline.core.device import PINNED_DEVICE_ENV, pin_cuda_device
+
+    if pin_cuda_device(device) == "cuda:0" and os.environ.get(PINNED_DEVICE_ENV):
+        say(f"device: {os.environ[PINNED_DEVICE_ENV]} is CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']} in this process (torch: cuda:0)")
+
+
 def _announce(choice, command: str) -> None:
     stages = ("lifter",) if command == "stage2" else ("planner", "segmenter") if command == "stage1" else ("planner", "segmenter", "lifter")
     for stage in stages:
@@ -203,6 +214,8 @@ def cmd_stage(args: argparse.Namespace, log_path: Path, *, allow: frozenset[str]
 
     cfgs = _configs(args)
     command = args.command
+    if command == "stage2":
+        _pin_gpu(cfgs.run.device)  # before anything in this process starts CUDA
     run_dir = _resolve_run_dir(cfgs, command, allow=allow)
     mask_set = _validate_inputs(cfgs, command, run_dir)
     choice = choose_backends(cfgs.run, cfgs.planner, cfgs.server, cfgs.segmenter, cfgs.lifter)

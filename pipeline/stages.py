@@ -350,6 +350,8 @@ class Stage2:
             versions=versions(),
         )
         lifter = self.lifter()
+        if callable(getattr(lifter, "versions", None)):
+            manifest.update(versions=lifter.versions())  # e.g. the sam-3d-objects commit and checkpoint revision
         todo, results = [], {}
         for m in masks:
             key = _key(sha, hashlib.sha256(np.packbits(m.mask).tobytes()).hexdigest(), self.choice.lifter, C.to_record(self.cfg.lifter), self.cfg.run.seed)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from conftest import ROOT
 
+from pipeline.objects import sam3d
+
 SCRIPT = textwrap.dedent(
     """
     import json, sys
@@ -73,6 +75,9 @@ def test_failing_object_is_recorded_and_the_rest_are_done(tmp_path: Path):
     assert objects["obj_002"]["status"] == "failed" and "memory" in objects["obj_002"]["error"].lower()
     assert all(o["status"] == "done" for oid, o in objects.items() if oid != "obj_002")
     assert manifest["stats"]["pointmap_computations"] == 1
+    # What ran, for the record: the checkpoints' Hub revision (the stand-in's were not downloaded by us)
+    assert manifest["versions"]["sam-3d-objects checkpoints"].startswith("facebook/sam-3d-objects@unknown")
+    assert "sam-3d-objects" in manifest["versions"] and manifest["config"]["lifter"]["sam3d_hf_revision"] == sam3d.HF_REVISION
     K = manifest["stats"]["intrinsics"]  # fitted to the shared point map, used for the scene GIF
     assert K[0][0] > 0 and K[1][1] > 0 and K[2] == [0, 0, 1]
     # The earlier run's files of the failed object are gone, so the scene cannot show stale geometry.

@@ -102,6 +102,13 @@ class LifterConfig:
     checkpoint_tag: str = opt("hf", "Checkpoint folder under sam-3d-objects/checkpoints/.")
     sam3d_compile: bool = opt(False, "torch.compile SAM 3D Objects (minutes of warm-up once per process, then faster per object).")
     sam3d_min_gpu_gib: float = opt(30.0, "Refuse to load SAM 3D Objects on a GPU smaller than this many GiB, or with under 85 percent of that free (upstream asks for 32 GB).")
+    sam3d_hf_revision: str = opt(
+        "2e73555018d2741ccd486e56c24fac41155a1dc6",
+        "Commit of the Hugging Face repo facebook/sam-3d-objects to download checkpoints from (the one matching the pinned code; see docs/SAM3D.md).",
+    )
+    sam3d_mesh: bool = opt(True, "SAM 3D Objects: also decode the mesh (objects/<id>/mesh.glb, scene/scene.glb); --no-sam3d-mesh skips the mesh decoder, Gaussians only, faster.")
+    sam3d_ss_steps: int | None = opt(None, "SAM 3D Objects: sampling steps of the sparse-structure generator (upstream's stage1_inference_steps; default: pipeline.yaml's, 25).")
+    sam3d_slat_steps: int | None = opt(None, "SAM 3D Objects: sampling steps of the structured-latent generator (upstream's stage2_inference_steps; default: pipeline.yaml's, 25).")
     inflate_gaussians: int = opt(6000, "Gaussians per object for the inflate lifter (front and back together).")
 
 

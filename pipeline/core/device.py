@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
+import sys
+from collections.abc import MutableMapping
+
+# Set by pin_cuda_device to the --device it pinned, so a second call (and a child process, which
+# inherits the narrowed CUDA_VISIBLE_DEVICES) answers cuda:0 for it again.
+PINNED_DEVICE_ENV = "SAM3DGS_PINNED_DEVICE"
 
 
 def pick_device(requested: str = "auto") -> str:
@@ -32,3 +39,36 @@ def autocast_context(device: str, dtype: str = "bfloat16"):
     import torch
 
     return torch.autocast("cuda", dtype=getattr(torch, dtype))
+
+
+def pin_cuda_device(device: str | None, environ: MutableMapping[str, str] | None = None) -> str:
+    """`cuda:N` -> narrow CUDA_VISIBLE_DEVICES to that GPU and return 'cuda:0', the name torch then
+    gives it; anything else is returned as is (`auto` is resolved through SAM3DGS_DEVICE first).
+
+    Code that assumes GPU 0 (SAM 3D Objects picks its attention backend from GPU 0's name and its
+    layout optimizer defaults to cuda:0) then runs on the chosen GPU. CUDA reads the variable when
+    it initialises, so this only pins while torch is not imported in this process; otherwise the
+    device comes back unchanged and torch.cuda.set_device is the fallback. An existing
+    CUDA_VISIBLE_DEVICES list is indexed (N-th entry), as torch would.
+    """
+    env = os.environ if environ is None else environ
+    requested = device if device not in (None, "", "auto") else (env.get("SAM3DGS_DEVICE") or "auto")
+    match = re.fullmatch(r"cuda:(\d+)", requested)
+    if match is None:
+        return device or "auto"
+    if env.get(PINNED_DEVICE_ENV) == requested:
+        return "cuda:0"
+    index = int(match.group(1))
+    visible = [e.strip() for e in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if e.strip()]
+    if "CUDA_VISIBLE_DEVICES" in env and index >= len(visible):
+        from pipeline.core.errors import InputError
+
+        raise InputError(
+            f"--device {requested} but CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']!r} makes {len(visible)} GPU(s) visible.",
+            "pick an index below that count, or unset CUDA_VISIBLE_DEVICES.",
+        )
+    if "torch" in sys.modules:
+        return requested
+    env["CUDA_VISIBLE_DEVICES"] = visible[index] if visible else str(index)
+    env[PINNED_DEVICE_ENV] = requested
+    return "cuda:0"

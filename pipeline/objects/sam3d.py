@@ -1,11 +1,15 @@
 """The `sam3d` lifter: SAM 3D Objects (facebookresearch/sam-3d-objects) behind the Lifter protocol.
 
 What it adds around upstream's `notebook/inference.py` `Inference`:
-- finds the checkout and its checkpoints, downloads the gated checkpoints when missing
-  (resumable, one corrupt file re-downloaded on its own), and says clearly what is missing;
+- finds the checkout and its checkpoints, downloads the gated checkpoints when missing, from the
+  Hub commit that matches the pinned code (resumable, one corrupt file re-downloaded on its own),
+  and says clearly what is missing;
 - loads the model once per process;
 - computes the photo's point map once (the pipeline's own `compute_pointmap`, i.e. MoGe) and
   passes it to every object as `pointmap=`; upstream's notebook recomputes it per object;
+- calls the pipeline's `run()` exactly as `Inference.__call__` does, except that the layout
+  post-optimization is off (with a given point map the pinned code infers a mirrored camera for
+  it) and the decoded formats and sampling steps follow --sam3d-mesh / --sam3d-*-steps;
 - converts each output into plain numpy `ObjectGaussians` (activated parameters, object-local
   frame, pose as given by the model); no library object leaves this module;
 - one retry after freeing memory when an object fails.
@@ -16,18 +20,23 @@ torch, huggingface_hub and the upstream code are imported inside functions only.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import hashlib
+import importlib.metadata
 import importlib.util
+import json
 import os
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from pipeline.core.atomic import write_json_atomic
 from pipeline.core.config import LifterConfig
 from pipeline.core.errors import BackendError, InputError, MissingDependencyError, PipelineError, describe
 from pipeline.core.hub import hf_token, hub_error
@@ -36,6 +45,9 @@ from pipeline.core.types import Gaussians, ObjectGaussians, ObjectMask, Pose
 HF_REPO_ID = "facebook/sam-3d-objects"
 HF_REPO_URL = f"https://huggingface.co/{HF_REPO_ID}"
 HF_CHECKPOINT_PREFIX = "checkpoints/"  # the repo keeps every file the pipeline needs under this folder
+# The Hub commit whose checkpoints match the pinned code (LifterConfig.sam3d_hf_revision; docs/SAM3D.md).
+HF_REVISION: str = {f.name: f.default for f in dataclasses.fields(LifterConfig)}["sam3d_hf_revision"]
+DOWNLOAD_RECORD = "sam3dgs_download.json"  # written into checkpoints/<tag>/ by download_checkpoints
 SAM3D_ENV = "sam3d-objects"
 SETUP_COMMAND = "bash envs/setup.sh sam3d"
 SUBMODULE_COMMAND = "git submodule update --init sam-3d-objects"
@@ -48,6 +60,47 @@ _ZUP_TO_YUP = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
 
 # One loaded model per (config path, compile) in this process.
 _MODEL_CACHE: dict[tuple[str, bool], Any] = {}
+
+# What upstream downloads by itself on the first Inference(...), outside the gated repo; an offline
+# GPU node needs both in its caches (docs/SAM3D.md, "Offline GPU nodes"; doctor imports these).
+# DINOv2: up: sam3d_objects/model/backbone/dit/embedder/dino.py:35-41 torch.hub.load(
+# "facebookresearch/dinov2", source="github"): the code unpacks to $TORCH_HOME/hub/<this dir> and
+# the weights go to $TORCH_HOME/hub/checkpoints/. The variant is named by the gated pipeline.yaml;
+# the file below is the one public SAM 3D Objects setups pre-fetch (about 1.2 GB).
+DINOV2_HUB_DIR = "facebookresearch_dinov2_main"
+DINOV2_WEIGHTS_FILE = "dinov2_vitl14_reg4_pretrain.pth"
+DINOV2_WEIGHTS_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_reg4_pretrain.pth"
+# MoGe (the depth model): Ruicheng/moge-vitl's model.pt through huggingface_hub (about 1.3 GB, not gated).
+MOGE_REPO_ID = "Ruicheng/moge-vitl"
+MOGE_FILE = "model.pt"
+
+
+def torch_hub_dir() -> Path:
+    """torch.hub's folder as torch.hub.get_dir() computes it, without importing torch:
+    $TORCH_HOME/hub, else $XDG_CACHE_HOME/torch/hub, else ~/.cache/torch/hub."""
+    home = os.environ.get("TORCH_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch")
+    return Path(os.path.expanduser(home)) / "hub"
+
+
+def hf_hub_cache() -> Path:
+    """huggingface_hub's cache: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.path.expanduser(os.environ["HF_HUB_CACHE"]))
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface")
+    return Path(os.path.expanduser(home)) / "hub"
+
+
+def first_load_downloads() -> list[tuple[str, Path, bool]]:
+    """(what, where it is looked for, present) for each file upstream fetches on its first load."""
+    dino_code = torch_hub_dir() / DINOV2_HUB_DIR
+    dino_weights = torch_hub_dir() / "checkpoints" / DINOV2_WEIGHTS_FILE
+    moge = hf_hub_cache() / ("models--" + MOGE_REPO_ID.replace("/", "--")) / "snapshots"
+    moge_present = any(p.is_file() for p in moge.glob(f"*/{MOGE_FILE}")) if moge.is_dir() else False
+    return [
+        ("DINOv2 code (torch.hub, from GitHub)", dino_code, (dino_code / "hubconf.py").is_file()),
+        ("DINOv2 weights (torch.hub, from dl.fbaipublicfiles.com)", dino_weights, dino_weights.is_file()),
+        (f"MoGe weights ({MOGE_REPO_ID}/{MOGE_FILE}, Hugging Face)", moge, moge_present),
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,12 +171,17 @@ def file_matches(path: Path, remote: RemoteFile) -> str | None:
     return None
 
 
-def list_remote_checkpoints(repo_id: str, token: str | None, endpoint: str | None = None) -> list[RemoteFile]:
-    """Files under checkpoints/ in the repo, with sizes and checksums (one metadata request)."""
+class RemoteListing(NamedTuple):
+    files: list[RemoteFile]
+    commit: str | None  # the Hub commit the listing is of
+
+
+def list_remote_checkpoints(repo_id: str, token: str | None, endpoint: str | None = None, revision: str | None = HF_REVISION) -> RemoteListing:
+    """Files under checkpoints/ in the repo at `revision`, with sizes and checksums (one request)."""
     from huggingface_hub import HfApi
 
     try:
-        info = HfApi(endpoint=endpoint, token=token).model_info(repo_id, files_metadata=True)
+        info = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision, files_metadata=True)
     except Exception as exc:
         raise hub_error(exc, repo_id) or BackendError(
             f"could not list the files of {repo_id}: {_short_error(exc)}", "check the network (or HF_ENDPOINT) and try again; finished files are kept."
@@ -136,17 +194,17 @@ def list_remote_checkpoints(repo_id: str, token: str | None, endpoint: str | Non
             size = s.size if s.size is not None else ((lfs.get("size") if isinstance(lfs, dict) else getattr(lfs, "size", None)) if lfs else None)
             files.append(RemoteFile(s.rfilename, size, sha, None if lfs else s.blob_id))
     if not any(f.name == HF_CHECKPOINT_PREFIX + "pipeline.yaml" for f in files):
-        raise BackendError(f"{repo_id} has no {HF_CHECKPOINT_PREFIX}pipeline.yaml.", "check --sam3d-root/--checkpoint-tag and the repo id.")
-    return files
+        raise BackendError(f"{repo_id} has no {HF_CHECKPOINT_PREFIX}pipeline.yaml at {revision}.", "check --sam3d-hf-revision and the repo id.")
+    return RemoteListing(files, getattr(info, "sha", None))
 
 
-def _hub_fetch(repo_id: str, local_dir: Path, token: str | None, endpoint: str | None) -> Callable[[str, bool], Path]:
-    """A fetch(filename, force) -> path that downloads one repo file into `local_dir` (resumable)."""
+def _hub_fetch(repo_id: str, local_dir: Path, token: str | None, endpoint: str | None, revision: str | None) -> Callable[[str, bool], Path]:
+    """A fetch(filename, force) -> path that downloads one repo file at `revision` into `local_dir` (resumable)."""
 
     def fetch(filename: str, force: bool) -> Path:
         from huggingface_hub import hf_hub_download
 
-        kwargs: dict[str, Any] = {"local_dir": str(local_dir), "token": token, "force_download": force}
+        kwargs: dict[str, Any] = {"local_dir": str(local_dir), "token": token, "force_download": force, "revision": revision}
         if endpoint:
             kwargs["endpoint"] = endpoint
         return Path(hf_hub_download(repo_id, filename, **kwargs))
@@ -166,19 +224,23 @@ def download_checkpoints(
     token: str | None = None,
     *,
     repo_id: str = HF_REPO_ID,
+    revision: str = HF_REVISION,
     endpoint: str | None = None,
     fetch: Callable[[str, bool], Path] | None = None,
     remote_files: list[RemoteFile] | None = None,
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
 ) -> Path:
-    """Download the gated checkpoints into `root/checkpoints/<tag>/` and return that folder.
+    """Download the gated checkpoints at Hub commit `revision` into `root/checkpoints/<tag>/` and
+    return that folder.
 
-    Like upstream's setup doc, the repo's `checkpoints/*` files land in `checkpoints/<tag>/`.
+    Like upstream's setup doc, the repo's `checkpoints/*` files land in `checkpoints/<tag>/`
+    (upstream's doc downloads the repo's `main`; we pin the commit that matches the pinned code).
     Files are fetched one by one into `checkpoints/<tag>-download/` (huggingface_hub resumes
     partial files there), checked against the Hub's size and sha256 / git blob id, then moved into
     place with `pipeline.yaml` last, so its presence means the set is complete. A file that fails
     huggingface_hub's consistency check or our checksum is fetched again with force_download, that
     file only; a second failure is an error.
+    `DOWNLOAD_RECORD` in the folder names the repo and commit (for run.json).
     `fetch` and `remote_files` replace the Hub calls (tests); `token` defaults to HF_TOKEN.
     """
     root = Path(root)
@@ -193,14 +255,18 @@ def download_checkpoints(
                 f"SAM 3D Objects checkpoints are missing ({target / 'pipeline.yaml'}) and no Hugging Face token is set.",
                 f"accept the licence on {HF_REPO_URL}, then `export HF_TOKEN=hf_...` and run again (about 13 GB are downloaded once).",
             )
-        fetch = _hub_fetch(repo_id, staging, token, endpoint)
+        fetch = _hub_fetch(repo_id, staging, token, endpoint, revision)
+    commit: str | None = revision
     if remote_files is None:
-        remote_files = list_remote_checkpoints(repo_id, token, endpoint)
+        remote_files, commit = list_remote_checkpoints(repo_id, token, endpoint, revision)
+        commit = commit or revision
     # pipeline.yaml last: it is what every reader checks for.
     ordered = sorted(remote_files, key=lambda f: (f.name == HF_CHECKPOINT_PREFIX + "pipeline.yaml", f.name))
     target.mkdir(parents=True, exist_ok=True)
     for remote in ordered:
         final = target / remote.name[len(HF_CHECKPOINT_PREFIX):]
+        if final.name == "pipeline.yaml" and final.parent == target:
+            write_json_atomic(target / DOWNLOAD_RECORD, {"repo_id": repo_id, "revision": revision, "commit": commit})
         if final.is_file() and (remote.size is None or final.stat().st_size == remote.size):
             continue  # moved into place by an earlier, interrupted run
         path = _fetch_verified(fetch, remote, repo_id, log)
@@ -210,8 +276,17 @@ def download_checkpoints(
         import shutil
 
         shutil.rmtree(staging, ignore_errors=True)
-    log(f"SAM 3D Objects checkpoints ready in {target}")
+    log(f"SAM 3D Objects checkpoints ready in {target} ({repo_id} at {commit})")
     return target
+
+
+def checkpoints_origin(ckpt: Path) -> str:
+    """Where the checkpoints in `ckpt` came from, for run.json: 'repo@commit' when we downloaded them."""
+    try:
+        record = json.loads((Path(ckpt) / DOWNLOAD_RECORD).read_text())
+        return f"{record['repo_id']}@{record.get('commit') or record['revision']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{HF_REPO_ID}@unknown (found in {ckpt}, not downloaded by sam3d-gs)"
 
 
 def _fetch_verified(fetch: Callable[[str, bool], Path], remote: RemoteFile, repo_id: str, log: Callable[[str], None]) -> Path:
@@ -264,15 +339,22 @@ def check_gpu_memory(free_bytes: int, total_bytes: int, min_gib: float, device: 
 
 
 def _require_gpu(device: str, min_gib: float) -> str:
-    """The CUDA device to use; raises the no-GPU / too-little-memory errors."""
+    """The CUDA device to use; raises the no-GPU / too-little-memory errors.
+
+    `cuda:N` is pinned first (CUDA_VISIBLE_DEVICES, then cuda:0) when nothing in this process has
+    started CUDA yet: upstream picks its attention backend from GPU 0's name (up: sam3d_objects/
+    pipeline/inference_pipeline.py:11-21) and its layout optimizer defaults to cuda:0 (up:
+    inference_utils.py:85-86). Otherwise torch.cuda.set_device covers upstream's bare "cuda" uses.
+    """
+    from pipeline.core.device import pick_device, pin_cuda_device
+
+    device = pin_cuda_device(device)
     try:
         import torch
     except ImportError as exc:
         raise MissingDependencyError(
             "torch is not installed in this interpreter.", f"run this stage in the '{SAM3D_ENV}' env (`{SETUP_COMMAND}` creates it)."
         ) from exc
-    from pipeline.core.device import pick_device
-
     device = pick_device(device)
     if not device.startswith("cuda") or not torch.cuda.is_available():
         raise PipelineError(
@@ -297,9 +379,13 @@ def load_inference_module(checkout: Path) -> Any:
     for p in (str(notebook), str(checkout)):
         if p not in sys.path:
             sys.path.insert(0, p)
-    # notebook/inference.py reads CONDA_PREFIX at import (for CUDA_HOME); when the env's python is
-    # run by path (no `conda activate`) it is unset, and the env's prefix is the right value.
-    os.environ.setdefault("CONDA_PREFIX", sys.prefix)
+    # notebook/inference.py sets CUDA_HOME from CONDA_PREFIX at import (up: L5). The scripts run the
+    # env's python by path, so CONDA_PREFIX is unset or names another env (e.g. an auto-activated
+    # base): the env that is running is the right value whenever it is a conda env.
+    if (Path(sys.prefix) / "conda-meta").is_dir():
+        os.environ["CONDA_PREFIX"] = sys.prefix
+    else:
+        os.environ.setdefault("CONDA_PREFIX", sys.prefix)
     name = "sam3d_notebook_inference_" + hashlib.sha1(str(checkout).encode()).hexdigest()[:10]
     if name in sys.modules:
         return sys.modules[name]
@@ -309,14 +395,30 @@ def load_inference_module(checkout: Path) -> Any:
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
-    except ImportError as exc:
+    except (ImportError, OSError, RuntimeError, AttributeError, ValueError, KeyError) as exc:
+        # upstream imports pytorch3d, kaolin, open3d, gradio, ... at import time (up: L8-34): inside
+        # a set-up env a failure here is a broken install (e.g. a numpy ABI or CUDA mismatch).
         del sys.modules[name]
-        missing = getattr(exc, "name", None) or _short_error(exc)
+        if _sam3d_installed():
+            raise MissingDependencyError(
+                f"SAM 3D Objects is installed in {sys.prefix} but importing it fails: {_short_error(exc)}",
+                f"repair that env (re-run `{SETUP_COMMAND}`; `python -m pipeline doctor` shows the failing import); the traceback is in the log.",
+            ) from exc
+        what = f"module '{exc.name}' is missing" if isinstance(exc, ImportError) and exc.name else _short_error(exc)
         raise MissingDependencyError(
-            f"SAM 3D Objects cannot be imported here: module '{missing}' is missing (python: {sys.executable}).",
+            f"SAM 3D Objects cannot be imported here: {what} (python: {sys.executable}).",
             f"run this stage in the '{SAM3D_ENV}' conda env (create it with `{SETUP_COMMAND}`).",
         ) from exc
     return module
+
+
+def _sam3d_installed() -> bool:
+    """Whether upstream's package is installed in this interpreter (`pip install -e .` in its env)."""
+    try:
+        importlib.metadata.distribution("sam3d_objects")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def load_model(checkout: Path, config_path: Path, *, compile: bool = False) -> Any:
@@ -364,14 +466,17 @@ class Sam3dLifter:
         `allow_cpu` skips the GPU checks; only for the contract stand-in in tests.
         """
         self.cfg = cfg
+        for flag, steps in (("--sam3d-ss-steps", cfg.sam3d_ss_steps), ("--sam3d-slat-steps", cfg.sam3d_slat_steps)):
+            if steps is not None and steps < 1:
+                raise InputError(f"{flag} {steps} is not a step count.", "give 1 or more, or leave it out for pipeline.yaml's count (25).")
         self.checkout = resolve_checkout(cfg.sam3d_root)
-        self.device = "cpu" if allow_cpu else _require_gpu(device, float(getattr(cfg, "sam3d_min_gpu_gib", 30.0)))
+        self.device = "cpu" if allow_cpu else _require_gpu(device, float(cfg.sam3d_min_gpu_gib))
         self.module = load_inference_module(self.checkout)  # before any download: fail fast in the wrong env
         ckpt = checkpoint_dir(self.checkout, cfg.checkpoint_tag)
         if not (ckpt / "pipeline.yaml").is_file():
-            download_checkpoints(self.checkout, cfg.checkpoint_tag)
+            download_checkpoints(self.checkout, cfg.checkpoint_tag, revision=cfg.sam3d_hf_revision)
         self.config_path = ckpt / "pipeline.yaml"
-        self.inference = load_model(self.checkout, self.config_path, compile=bool(getattr(cfg, "sam3d_compile", False)))
+        self.inference = load_model(self.checkout, self.config_path, compile=bool(cfg.sam3d_compile))
         self.pointmap_computations = 0  # depth / point-map passes run for the photos so far
         self.pointmap_method = ""  # how the last photo's point map was obtained (for run.json)
         self.retried: list[str] = []  # objects that failed once and were retried
@@ -430,8 +535,51 @@ class Sam3dLifter:
             raise InputError(f"mask {obj.id or obj.label} is empty.", "drop it or segment again.")
         if context.pointmap is None:
             self.pointmap_computations += 1  # the pipeline runs its depth model inside this call
-        output = self.inference(context.image, mask, seed=seed, pointmap=context.pointmap)
-        return output_to_object_gaussians(output)
+        return output_to_object_gaussians(self.run_upstream(context.image, mask, seed=seed, pointmap=context.pointmap))
+
+    def run_upstream(self, image: np.ndarray, mask: np.ndarray, *, seed: int, pointmap: Any | None) -> dict[str, Any]:
+        """What upstream's `Inference.__call__` does (up: notebook/inference.py:101-120 at cf06676):
+        the mask into the alpha channel with its own `merge_mask_to_rgba`, then `run()` with the same
+        arguments, except:
+        - with_layout_postprocess=False: with a given point map the pinned pipeline infers the
+          camera from the map in pytorch3d's frame, i.e. with negative focal lengths (up: pm:271,
+          282-287), and its post-optimization would render with a mirrored camera (up: pm:396-409);
+          on the depth-model path it is skipped anyway (no "intrinsics" key, up: pm:259, 405).
+          Upstream's own later revision turns it off in __call__ too (notebook/inference.py @ feef0c86).
+        - decode_formats without "mesh" for --no-sam3d-mesh (None: pipeline.yaml's list, as upstream);
+        - stage1/stage2_inference_steps from --sam3d-ss-steps/--sam3d-slat-steps (None: pipeline.yaml's).
+        """
+        pipeline = self.inference._pipeline
+        rgba = self.inference.merge_mask_to_rgba(image, mask)
+        return pipeline.run(
+            rgba,
+            None,
+            seed,
+            stage1_only=False,
+            with_mesh_postprocess=False,
+            with_texture_baking=False,
+            with_layout_postprocess=False,
+            use_vertex_color=True,
+            stage1_inference_steps=self.cfg.sam3d_ss_steps,
+            stage2_inference_steps=self.cfg.sam3d_slat_steps,
+            pointmap=pointmap,
+            decode_formats=self.decode_formats(),
+        )
+
+    def decode_formats(self) -> list[str] | None:
+        """None (pipeline.yaml's formats) with the mesh wanted, else those formats without "mesh"
+        (up: sam3d_objects/pipeline/inference_pipeline.py:589-615 decodes only what is listed)."""
+        if self.cfg.sam3d_mesh:
+            return None
+        configured = getattr(self.inference._pipeline, "decode_formats", None) or ["gaussian"]
+        return [f for f in configured if f != "mesh"]
+
+    def versions(self) -> dict[str, str]:
+        """For run.json's versions: the upstream code and the checkpoints that ran."""
+        return {
+            "sam-3d-objects": _git_head(self.checkout) or f"unknown ({self.checkout})",
+            "sam-3d-objects checkpoints": checkpoints_origin(self.config_path.parent),
+        }
 
     def lift_with_retry(self, context: Sam3dPhotoContext, obj: ObjectMask, *, seed: int) -> ObjectGaussians:
         """lift(); on failure free memory and try once more; then a BackendError with the cause.
@@ -533,6 +681,10 @@ def check_sam3d_ready(cfg: LifterConfig, *, check_gpu: bool = True) -> list[str]
                 problems.append(
                     f"SAM 3D Objects checkpoints missing ({ckpt / 'pipeline.yaml'}) and no HF_TOKEN. Fix: accept the licence on {HF_REPO_URL}, then `export HF_TOKEN=hf_...`."
                 )
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        for what, path, present in first_load_downloads():
+            if not present:
+                problems.append(f"{what} is not cached at {path} and HF_HUB_OFFLINE is set: the first model load would download it. Fix: pre-seed TORCH_HOME/HF_HOME (docs/SAM3D.md, 'Offline GPU nodes').")
     if importlib.util.find_spec("sam3d_objects") is None:
         problems.append(f"sam3d_objects is not importable by {sys.executable}. Fix: use the '{SAM3D_ENV}' conda env (`{SETUP_COMMAND}`).")
     if check_gpu:
@@ -545,6 +697,18 @@ def check_sam3d_ready(cfg: LifterConfig, *, check_gpu: bool = True) -> list[str]
 
 # ----------------------------------------------------------------------------------------------
 # Small helpers
+
+
+def _git_head(path: Path) -> str | None:
+    """The commit checked out at `path` (a submodule too), or None."""
+    if not (Path(path) / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    head = out.stdout.strip()
+    return head if out.returncode == 0 and len(head) == 40 else None
 
 
 def _np(value: Any) -> np.ndarray:

@@ -81,8 +81,10 @@ class StageWorker:
         stamp = M.file_stamp(Path(image)) if image else None
         masks_stamp = None
         status, error, objects, final = "failed", None, 0, True
+        ours = False  # only a run folder of ours gets the record
         try:
             _check_run_dir(run_dir)
+            ours = True
             run_dir.mkdir(parents=True, exist_ok=True)
             RunPaths(run_dir).logs_dir.mkdir(parents=True, exist_ok=True)
             if self.stage == "stage1":
@@ -112,8 +114,9 @@ class StageWorker:
             self.log(f"{self.stage} failed: {error}\n{traceback.format_exc()}")
         seconds = time.perf_counter() - t0
         try:
-            M.record_stage(run_dir, self.stage, image=image, image_stamp=stamp, key=key, status=status, error=error,
-                           objects=objects, seconds=seconds, final=final, masks_stamp=masks_stamp)
+            if ours:
+                M.record_stage(run_dir, self.stage, image=image, image_stamp=stamp, key=key, status=status, error=error,
+                               objects=objects, seconds=seconds, final=final, masks_stamp=masks_stamp)
         except Exception as exc:  # noqa: BLE001 - the answer still goes back
             self.log(f"could not record the result in run.json: {describe(exc, with_type=True)}")
         finally:

@@ -1,0 +1,145 @@
+"""`python -m pipeline batch` on the local engine with the built-in backends, through the CLI in real
+subprocesses: run folders, batch.json, index.html, exit codes, and reruns that start nothing."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+from PIL import Image
+
+from pipeline.batch.photos import run_rel_for
+
+FAST = ["--profile", "lite", "--no-progress", "--gif-frames", "3", "--gif-size", "48", "--scene-gif-size", "64", "--inflate-gaussians", "800"]
+
+
+def batch(*args: object, timeout: float = 400) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", "batch", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def worker_starts(root: Path) -> int:
+    """Worker children started under ROOT so far (each start appends an argv line to its log)."""
+    logs = root / "logs"
+    return sum(f.read_text().count(" starting ") for f in logs.glob("stage*-worker-*.log")) if logs.is_dir() else 0
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    from pipeline.demo.scene import make_demo_scene
+
+    base = tmp_path_factory.mktemp("batch")
+    scene = make_demo_scene(base / "demo")
+    folder = base / "photos"
+    (folder / "sub dir").mkdir(parents=True)
+    shutil.copy(scene.image_path, folder / "scène.png")
+    with Image.open(scene.image_path) as im:
+        im.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(folder / "sub dir" / "scène.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def first_batch(photos: Path, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    root = tmp_path_factory.mktemp("out") / "root"
+    return root, batch("--images", photos, "--out", root, *FAST)
+
+
+def test_batch_runs_every_photo_and_records_it(photos: Path, first_batch):
+    root, proc = first_batch
+    assert proc.returncode == 1, proc.stderr  # one photo failed, the rest are done
+    data = json.loads((root / "batch.json").read_text())
+    assert data["engine"] == "local" and data["stages"] == ["stage1", "stage2"]
+    rows = {r["image"]: r for r in data["photos"]}
+    assert set(rows) == {str(photos / "broken.jpg"), str(photos / "scène.png"), str(photos / "sub dir" / "scène.png")}
+    for rel in ("scène.png", "sub dir/scène.png"):
+        row = rows[str(photos / rel)]
+        assert row["run_dir"] == run_rel_for(rel) and row["status"] == "done" and row["objects"] == 5 and row["error"] is None
+        run = root / row["run_dir"]
+        for f in ("run.json", "masks/masks.json", "scene/scene.ply", "report.html"):
+            assert (run / f).is_file(), (rel, f)
+        record = json.loads((run / "run.json").read_text())["batch"]
+        assert record["stage1"]["status"] == record["stage2"]["status"] == "done"
+    bad = rows[str(photos / "broken.jpg")]
+    assert bad["status"] == "failed" and "broken.jpg" in bad["error"]
+    assert "failed: " in proc.stderr and "broken.jpg" in proc.stderr
+    index = (root / "index.html").read_text()
+    assert index.count('<tr class="photo"') == 3 and "2 done" in index and "1 failed" in index
+    assert worker_starts(root) == 2  # one stage 1 and one stage 2 worker for all photos
+    assert not list(root.rglob(".tmp-*"))
+
+
+def test_rerun_of_a_finished_batch_starts_nothing(photos: Path, first_batch):
+    root, _ = first_batch
+    before = json.loads((root / "batch.json").read_text())
+    starts = worker_starts(root)
+    proc = batch("--images", photos, "--out", root, *FAST)
+    assert proc.returncode == 1  # the broken photo stays failed for the same inputs: not retried
+    assert worker_starts(root) == starts
+    after = json.loads((root / "batch.json").read_text())
+    assert [(r["image"], r["status"], r["objects"]) for r in after["photos"]] == [(r["image"], r["status"], r["objects"]) for r in before["photos"]]
+    assert "3 need nothing" in proc.stderr
+
+
+def test_changed_stage2_setting_redoes_stage2_only(photos: Path, first_batch, tmp_path: Path):
+    root, _ = first_batch
+    mirror = tmp_path / "root"  # a copy, so the other tests keep the original batch
+    shutil.copytree(root, mirror)
+    shutil.rmtree(mirror / "logs")
+    args = [*FAST]
+    args[args.index("--gif-frames") + 1] = "4"  # stage 2 depends on it, stage 1 does not
+    proc = batch("--images", photos, "--out", mirror, *args)
+    assert proc.returncode == 1, proc.stderr
+    logs = sorted(p.name for p in (mirror / "logs").glob("*.log"))
+    assert logs == ["stage2-worker-0.log"]  # stage 1 was done for these settings: no stage 1 worker
+    with Image.open(mirror / run_rel_for("scène.png") / "scene" / "scene.gif") as gif:
+        assert gif.n_frames == 4
+
+
+def test_stage1_then_stage2_from_batch_json(photos: Path, tmp_path: Path):
+    folder = tmp_path / "two"
+    folder.mkdir()
+    shutil.copy(photos / "scène.png", folder / "only.png")
+    root = tmp_path / "root"
+    one = batch("--images", folder, "--out", root, "--stage", "1", *FAST)
+    assert one.returncode == 0, one.stderr
+    run = root / run_rel_for("only.png")
+    assert (run / "masks" / "masks.json").is_file() and not (run / "objects").exists()
+    assert json.loads((root / "batch.json").read_text())["photos"][0]["status"] == "done"
+    two = batch("--out", root, "--stage", "2", *FAST)  # the photos come from batch.json
+    assert two.returncode == 0, two.stderr
+    assert (run / "scene" / "scene.ply").is_file()
+    data = json.loads((root / "batch.json").read_text())
+    assert data["stages"] == ["stage2"] and data["photos"][0]["status"] == "done" and data["photos"][0]["objects"] == 5
+
+
+def test_bad_input_exits_2_and_writes_nothing(photos: Path, tmp_path: Path):
+    both = batch("--images", photos, "--image", photos / "scène.png", "--out", tmp_path / "a", *FAST)
+    assert both.returncode == 2 and "--image and --images are exclusive" in both.stderr
+    (tmp_path / "empty").mkdir()
+    empty = batch("--images", tmp_path / "empty", "--out", tmp_path / "b", *FAST)
+    assert empty.returncode == 2 and "no photos found" in empty.stderr
+    no_batch = batch("--out", tmp_path / "c", "--stage", "2", *FAST)
+    assert no_batch.returncode == 2 and "batch.json" in no_batch.stderr
+    no_images = batch("--out", tmp_path / "d", *FAST)
+    assert no_images.returncode == 2 and "--images" in no_images.stderr
+    assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+def test_a_second_driver_on_the_same_root_is_refused(photos: Path, tmp_path: Path):
+    root = tmp_path / "root"
+    root.mkdir()
+    with open(root / ".batch.lock", "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        fh.write("12345")
+        fh.flush()
+        proc = batch("--images", photos, "--out", root, *FAST)
+    assert proc.returncode == 2 and "another batch is running" in proc.stderr
+    assert sorted(os.listdir(root)) == [".batch.lock"]

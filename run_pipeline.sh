@@ -2,11 +2,16 @@
 # The one-shot script: stage 1 then stage 2 on one photo, each in its own env.
 #   ./run_pipeline.sh --demo              the bundled demo scene on the built-in CPU backends
 #   ./run_pipeline.sh --image PHOTO       the full pipeline (see README for the real setup)
+#   ./run_pipeline.sh --images DIR --out ROOT   every photo in DIR (or a list file), models loaded once (docs/BATCH.md)
 source "$(dirname "$0")/envs/common.sh"
 parse_common_args "$@"
 if has_flag --help || has_flag -h; then
-  print_script_help "usage: ./run_pipeline.sh --demo | --image PHOTO [--out RUN_DIR] [options]" run; exit 0
+  if has_flag --images; then
+    print_script_help "usage: ./run_pipeline.sh --images DIR|LIST --out ROOT [--engine local|ray] [options]" batch; exit 0
+  fi
+  print_script_help "usage: ./run_pipeline.sh --demo | --image PHOTO [--out RUN_DIR] | --images DIR --out ROOT [options]" run; exit 0
 fi
+has_flag --images && run_batch all
 
 if has_flag --demo; then
   args=()

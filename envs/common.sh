@@ -149,6 +149,43 @@ vllm_command_from_conda() {
   [ -x "$prefix/bin/vllm" ] && echo "$prefix/bin/vllm"
 }
 
+# --images DIR|LIST: many photos through `python -m pipeline batch --stage $1` (all | 1 | 2). The driver
+# runs in the light venv (with Ray for --engine ray); in conda mode without Ray, in the first stage's env.
+# Each stage's workers run with that stage's env interpreter (--stage1-python / --stage2-python).
+run_batch() {
+  local stage="$1" manager="$ENV_MANAGER" conda prefix vllm driver="" extra=()
+  has_flag --image && die "--image and --images are exclusive: --image PHOTO for one photo, --images DIR (or a list file) for a batch."
+  has_flag --out || die "a batch needs --out ROOT: one run folder per photo goes under it."
+  if [ "$manager" = auto ]; then
+    manager=venv
+    if conda="$(find_conda)" \
+       && { [ "$stage" = 2 ] || conda_env_prefix "$conda" "$SAM3DGS_ENV_SAM3" >/dev/null; } \
+       && { [ "$stage" = 1 ] || conda_env_prefix "$conda" "$SAM3DGS_ENV_SAM3D" >/dev/null; }; then manager=conda; fi
+  fi
+  if [ "$manager" = conda ]; then
+    conda="$(find_conda)" || die "conda not found (looked at CONDA_EXE, PATH, ~/miniconda3, ~/miniforge3, ~/anaconda3, /opt/conda). Install Miniconda or use --env-manager venv." 3
+    if [ "$stage" != 2 ] && ! has_flag --stage1-python; then
+      prefix="$(conda_env_prefix "$conda" "$SAM3DGS_ENV_SAM3")" || die "conda env '$SAM3DGS_ENV_SAM3' does not exist. Create it with: bash envs/setup.sh sam3" 3
+      extra+=(--stage1-python "$prefix/bin/python"); driver="$prefix/bin/python"
+    fi
+    if [ "$stage" != 1 ] && ! has_flag --stage2-python; then
+      prefix="$(conda_env_prefix "$conda" "$SAM3DGS_ENV_SAM3D")" || die "conda env '$SAM3DGS_ENV_SAM3D' does not exist. Create it with: bash envs/setup.sh sam3d" 3
+      extra+=(--stage2-python "$prefix/bin/python"); driver="${driver:-$prefix/bin/python}"
+    fi
+    if [ "$stage" != 2 ] && ! has_flag --vllm-command && ! has_flag --vlm-url && vllm="$(vllm_command_from_conda)"; then
+      extra+=(--vllm-command "$vllm")
+    fi
+  fi
+  if [ "$(flag_value --engine)" = ray ]; then
+    ensure_ray_if_asked  # Ray lives in the light venv only
+    driver="$SAM3DGS_VENV/bin/python"
+  elif [ -z "$driver" ]; then
+    resolve_stage_python any
+    driver="${STAGE_PY[0]}"
+  fi
+  exec "$driver" -m pipeline batch "${PASS_ARGS[@]}" "${extra[@]}" --stage "$stage"
+}
+
 # A run folder both stages agree on, when the user gave no --out.
 default_out() {
   local image stem

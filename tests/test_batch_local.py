@@ -85,7 +85,7 @@ def test_rerun_of_a_finished_batch_starts_nothing(photos: Path, first_batch):
     assert worker_starts(root) == starts
     after = json.loads((root / "batch.json").read_text())
     assert [(r["image"], r["status"], r["objects"]) for r in after["photos"]] == [(r["image"], r["status"], r["objects"]) for r in before["photos"]]
-    assert "3 need nothing" in proc.stderr
+    assert "3 finished before, 0 to do from stage 1, 0 to do from stage 2" in proc.stderr
 
 
 def test_changed_stage2_setting_redoes_stage2_only(photos: Path, first_batch, tmp_path: Path):
@@ -143,3 +143,43 @@ def test_a_second_driver_on_the_same_root_is_refused(photos: Path, tmp_path: Pat
         proc = batch("--images", photos, "--out", root, *FAST)
     assert proc.returncode == 2 and "another batch is running" in proc.stderr
     assert sorted(os.listdir(root)) == [".batch.lock"]
+
+
+def _script(name: str, *args: object, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(ROOT / name), *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=400,
+                          env={**os.environ, "SAM3DGS_PYTHON": sys.executable, **(env or {})})
+
+
+def test_scripts_run_each_stage_in_its_own_env(photos: Path, tmp_path: Path):
+    """conda mode: the driver and stage 1 workers run with the sam3 env's python, stage 2 workers with
+    the sam3d-objects env's (here wrappers of this interpreter that log how they were called)."""
+    calls = tmp_path / "calls.log"
+    listing = []
+    for env_name in ("sam3", "sam3d-objects"):
+        prefix = tmp_path / "envs" / env_name
+        (prefix / "bin").mkdir(parents=True)
+        wrapper = prefix / "bin" / "python"
+        wrapper.write_text(f'#!/bin/sh\necho "{env_name} $*" >> "{calls}"\nexec "{sys.executable}" "$@"\n')
+        wrapper.chmod(0o755)
+        listing.append(f"echo '{env_name}  {prefix}'")
+    conda = tmp_path / "conda"
+    conda.write_text("#!/bin/sh\necho '# conda environments:'\n" + "\n".join(listing) + "\n")
+    conda.chmod(0o755)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(photos / "scène.png", folder / "one.png")
+    root = tmp_path / "root"
+    env = {"CONDA_EXE": str(conda)}
+    both = _script("run_pipeline.sh", "--images", folder, "--image", folder / "one.png", "--out", root, env=env)
+    assert both.returncode == 2 and "--image and --images are exclusive" in both.stderr
+    one = _script("run_agent_with_vllm.sh", "--env-manager", "conda", "--images", folder, "--out", root, *FAST, env=env)
+    assert one.returncode == 0, one.stderr
+    two = _script("run_sam3d_from_masks.sh", "--env-manager", "conda", "--out", root, *FAST, env=env)  # root has batch.json
+    assert two.returncode == 0, two.stderr
+    lines = calls.read_text().splitlines()
+    assert any(ln.startswith("sam3 -m pipeline batch") and "--stage 1" in ln for ln in lines)
+    assert any(ln.startswith("sam3 -m pipeline worker --stage stage1") for ln in lines)
+    assert any(ln.startswith("sam3d-objects -m pipeline worker --stage stage2") for ln in lines)
+    assert not any("worker --stage stage2" in ln and not ln.startswith("sam3d-objects") for ln in lines)
+    assert json.loads((root / "batch.json").read_text())["photos"][0]["status"] == "done"
+    assert (root / run_rel_for("one.png") / "scene" / "scene.ply").is_file()

@@ -177,6 +177,13 @@ class _Batch:
         row.error = next((recs[s].get("error") for s in self.stages if recs.get(s) and recs[s].get("error")), None)
         row.objects = int(last.get("objects", 0)) if last else 0
         row.seconds = sum(float(recs[s].get("seconds") or 0) for s in self.stages if recs.get(s))
+        if self.stages == ["stage2"] and recs.get("stage2") is None and not self._needs_stage2(i):
+            # Stage 2 alone cannot run without masks: say why instead of a bare 'pending'.
+            earlier = M.any_stage_record(self.run_dir(i), "stage1")
+            if earlier is not None and earlier.get("status") == "failed":
+                row.status, row.error = "failed", f"stage 1 failed: {earlier.get('error')}"
+            else:
+                row.error = "no masks/ yet: run stage 1 first"
 
     def _needs_stage2(self, i: int) -> bool:
         if self.records[i].get("stage2") is not None:
@@ -195,9 +202,16 @@ class _Batch:
             self._refresh_row(i)
         todo1 = [i for i in range(len(self.photos)) if "stage1" in self.stages and self.records[i]["stage1"] is None]
         todo2 = [i for i in range(len(self.photos)) if "stage2" in self.stages and self._needs_stage2(i)]
-        done_before = len(self.photos) - len({*todo1, *todo2})
-        self.log(f"batch: {len(self.photos)} photos under {self.root}; {done_before} need nothing, "
-                 f"{len(todo1)} need stage 1" + (f", {len(todo2)} stage 2 now" if "stage2" in self.stages else ""))
+        waiting = sum(1 for r in self.manifest.rows if r.status == "pending") - len({*todo1, *todo2})
+        finished = len(self.photos) - len({*todo1, *todo2}) - waiting
+        parts = [f"{finished} finished before"]
+        if "stage1" in self.stages:
+            parts.append(f"{len(todo1)} to do from stage 1")
+        if "stage2" in self.stages:
+            parts.append(f"{len(todo2)} to do from stage 2")
+        if waiting:
+            parts.append(f"{waiting} without masks")
+        self.log(f"batch: {len(self.photos)} photos under {self.root}: " + ", ".join(parts))
         interrupted = False
         try:
             if todo1 or todo2:

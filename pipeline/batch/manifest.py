@@ -104,6 +104,16 @@ def stage_record(run_dir: Path, stage: str, image: Path | None, key: str) -> dic
     return rec
 
 
+def any_stage_record(run_dir: Path, stage: str) -> dict[str, Any] | None:
+    """The photo's last record for `stage`, whatever inputs it was for (to explain a status)."""
+    try:
+        data = json.loads(RunPaths(Path(run_dir)).manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    rec = (data.get("batch") or {}).get(stage)
+    return rec if isinstance(rec, dict) else None
+
+
 def photo_status(stages: list[str], records: dict[str, dict | None]) -> str:
     """One status for a photo over the stages asked for: failed if a stage failed, pending if one
     is not finished, partial if some objects failed, else done."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,12 +32,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# Marks the processes this test session starts (children inherit the environment), so that the
+# leftover check below never counts, or kills, another session's servers on a shared machine.
+SESSION_MARK = f"SAM3DGS_TEST_SESSION={os.getpid()}-{time.time_ns()}"
+os.environ["SAM3DGS_TEST_SESSION"] = SESSION_MARK.split("=", 1)[1]
+
+
 def _stand_in_servers() -> set[int]:
-    """PIDs of tests/fake_vllm.py processes (the stand-in vLLM the launcher tests start)."""
+    """PIDs of tests/fake_vllm.py processes (the stand-in vLLM the launcher tests start) of this session."""
     pids = set()
     for proc in Path("/proc").glob("[0-9]*"):
         try:
-            if b"fake_vllm.py" in (proc / "cmdline").read_bytes():
+            if b"fake_vllm.py" in (proc / "cmdline").read_bytes() and SESSION_MARK.encode() in (proc / "environ").read_bytes().split(b"\0"):
                 pids.add(int(proc.name))
         except OSError:
             continue

@@ -52,6 +52,9 @@ MINOR_COMPAT_FLOOR = {13: 580, 12: 525, 11: 450}
 QWEN3_VL_8B_WEIGHTS_GIB = 16.3
 QWEN3_VL_8B_KV_KIB_PER_TOKEN = 144
 VLLM_OVERHEAD_GIB = 4.0
+# vLLM's share of the GPU when --gpu-memory-utilization is not given, in scene mode (the default
+# mode: vLLM is stopped before SAM3 starts). Query mode runs both at once and needs their sum.
+SCENE_MODE_SHARE = 0.88
 # SAM3 image model: 840.5 M parameters kept in fp32 (3.1 GiB), plus about 0.3 GiB per phrase
 # grounded in one batch (9.5 GiB measured for 32 phrases in bf16, docs/PERFORMANCE.md), plus the
 # CUDA context and cuDNN workspace (about 1 GiB).
@@ -284,12 +287,12 @@ def vllm_gpu_need(server: VLMServerConfig) -> tuple[float, float, str] | None:
     None for a model whose size doctor does not know."""
     if "qwen3-vl-8b" not in str(server.vlm_model_id).lower():
         return None
-    share = getattr(server, "gpu_memory_utilization", None)
-    share = float(share) if isinstance(share, int | float) and share > 0 else 0.88
+    given = getattr(server, "gpu_memory_utilization", None)
+    share = float(given) if isinstance(given, int | float) and given > 0 else SCENE_MODE_SHARE
     tp = max(1, int(getattr(server, "tensor_parallel_size", 1) or 1))
     kv = server.max_model_len * QWEN3_VL_8B_KV_KIB_PER_TOKEN / 2**20
     need = (QWEN3_VL_8B_WEIGHTS_GIB + kv) / tp + VLLM_OVERHEAD_GIB
-    how = f"{QWEN3_VL_8B_WEIGHTS_GIB:g} GiB weights + {kv:.1f} GiB KV for --max-model-len {server.max_model_len}" + (f", split over {tp} GPUs" if tp > 1 else "") + f" + {VLLM_OVERHEAD_GIB:g} GiB, at --gpu-memory-utilization {share:g}"
+    how = f"{QWEN3_VL_8B_WEIGHTS_GIB:g} GiB weights + {kv:.1f} GiB KV for --max-model-len {server.max_model_len}" + (f", split over {tp} GPUs" if tp > 1 else "") + f" + {VLLM_OVERHEAD_GIB:g} GiB, at --gpu-memory-utilization {share:g}" + ("" if given else " (scene mode's default)")
     return need, share, how
 
 
@@ -417,6 +420,17 @@ def gpu_memory_checks(found: list[tuple[str, float]], seg: SegmenterConfig, lift
         )
     s3 = sam3_gpu_need(seg)
     checks.append(Check(f"GPU memory >= {s3:.0f} GiB (SAM3, --sam3-phrase-batch {seg.sam3_phrase_batch})", best >= s3, f"largest GPU has {best:.0f} GiB", "lower --sam3-phrase-batch (about 0.3 GiB per phrase)"))
+    if v is not None:
+        both = v[0] + s3
+        checks.append(
+            Check(
+                f"GPU memory >= {both:.0f} GiB (query mode: vLLM and SAM3 at once)",
+                best >= both,
+                f"largest GPU has {best:.0f} GiB",
+                "use scene mode (the default: vLLM stops before SAM3), or --vlm-url with a VLM served on another GPU",
+                required=False,
+            )
+        )
     need = float(lifter.sam3d_min_gpu_gib)  # the same bound the SAM 3D lifter enforces
     checks.append(Check(f"GPU memory >= {need:g} GiB (SAM 3D Objects)", best >= need, f"largest GPU has {best:.0f} GiB", "use a GPU with about 32 GB for stage 2 (or lower --sam3d-min-gpu-gib at your own risk)"))
     return checks

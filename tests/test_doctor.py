@@ -221,6 +221,8 @@ def test_doctor_names_each_broken_piece_and_its_exact_fix(tmp_path: Path):
     # a 24 GiB GPU: too small for vLLM's defaults and for SAM 3D
     assert lines_of(out, "GPU memory >= ")[0].startswith("MISSING")
     assert lines_of(out, "GPU memory >= 30 GiB (SAM 3D Objects)")[0].startswith("MISSING")
+    query = next(line for line in out.splitlines() if "(query mode: vLLM and SAM3 at once)" in line)
+    assert query.startswith("warn")  # scene mode, the default, does not need both at once
 
 
 def test_doctor_names_the_import_a_crashing_probe_died_in(tmp_path: Path):

@@ -24,11 +24,13 @@ submodule() {
 
 # Run "$@" (a function below) in a subshell in which conda env $1 is activated.
 in_env() {
-  local name="$1" hook
+  local name="$1" hook exe="$CONDA"
   shift
+  # mamba's own CLI has no `shell.bash hook`; the conda beside it (Miniforge has both) does.
+  if [ "$(basename "$exe")" = mamba ] && [ -x "$(dirname "$exe")/conda" ]; then exe="$(dirname "$exe")/conda"; fi
   (
-    hook="$("$CONDA" shell.bash hook)" && eval "$hook" \
-      || die "could not load conda's shell functions ('$CONDA shell.bash hook' failed)." 3
+    hook="$("$exe" shell.bash hook)" && eval "$hook" \
+      || die "could not load conda's shell functions ('$exe shell.bash hook' failed)." 3
     conda activate "$name" || die "could not activate the conda env '$name'." 3
     "$@"
   )

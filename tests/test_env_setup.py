@@ -212,3 +212,18 @@ def test_a_failed_upstream_step_stops_setup_with_its_name(project: Path):
     assert proc.returncode == 3
     assert "installing sam-3d-objects failed" in proc.stderr
     assert len(pip_calls(calls)) == 3  # ours never ran after the failed hydra patch
+
+
+def test_with_mamba_the_hook_comes_from_the_conda_beside_it(project: Path, tmp_path: Path):
+    """Miniforge's `mamba` has no `shell.bash hook`; setup.sh asks the conda next to it."""
+    bin_dir = tmp_path / "forge" / "bin"
+    bin_dir.mkdir(parents=True)
+    for name, src in (("mamba", "conda"), ("conda", "conda"), ("record.py", "record.py")):
+        shutil.copy2(FAKE / src, bin_dir / name)
+    proc, calls = run_setup(project, "vllm", {"CONDA_EXE": str(bin_dir / "mamba")})
+    assert proc.returncode == 0, proc.stderr
+    hooks = [c for c in calls if c["prog"] == "conda" and c["argv"][:2] == ["shell.bash", "hook"]]
+    assert [Path(c["exe"]).name for c in hooks] == ["conda"]
+    creates = [c for c in calls if c["prog"] == "conda" and c["argv"][:2] == ["env", "create"]]
+    assert [Path(c["exe"]).name for c in creates] == ["mamba"]
+    assert_in_env(pip_calls(calls)[0], project, "vllm")

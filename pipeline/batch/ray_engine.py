@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import os
 import threading
+import time
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,7 @@ class RayPool:
 
         self.spec = spec
         self.max_tries = spec.max_attempts
+        self.cpus = engine.bcfg.worker_cpus
         remote = ray.remote(StageActor)
         nodes = sorted(node_env) if node_env else []
         self.actors: list[dict[str, Any]] = []
@@ -124,8 +126,10 @@ class RayPool:
         self.thread = threading.Thread(target=self._dispatch, name=f"ray-{spec.stage}-dispatch", daemon=True)
         self.thread.start()
 
-    def wait_started(self) -> None:
-        """Block until one actor is ready; raise the start error if every one failed."""
+    def wait_started(self, num_gpus: float = 0.0) -> None:
+        """Block until one actor is ready; raise the start error if every one failed, or if none
+        could even be placed (e.g. more GPUs asked per worker than any node has) in time."""
+        deadline = time.monotonic() + self.spec.ready_timeout
         while True:
             with self.cond:
                 states = [a["state"] for a in self.actors]
@@ -133,6 +137,12 @@ class RayPool:
                     return
                 if all(s == "dead" for s in states):
                     raise self.fatal or BackendError(f"no {self.spec.stage} worker started.", "see ROOT/logs/.")
+                if time.monotonic() > deadline:
+                    raise BackendError(
+                        f"no {self.spec.stage} Ray actor was ready after {self.spec.ready_timeout:g} s (each asks for {num_gpus:g} GPU(s) "
+                        f"and {self.cpus:g} CPU(s); the cluster has {_ray().cluster_resources()}).",
+                        f"lower --{self.spec.stage}-gpus / --worker-cpus, add nodes, or raise --worker-ready-timeout; see ROOT/logs/.",
+                    )
                 self.cond.wait(0.2)
 
     def submit(self, image: str, run_dir: str, key: str | None = None) -> Future:
@@ -342,10 +352,11 @@ class RayEngine:
 
     def open_pool(self, spec: WorkerSpec, n: int, *, wait: bool = True) -> RayPool:
         node_env = self.vlm_handle.env_by_node if (spec.stage == "stage1" and self.vlm_handle is not None) else None
-        pool = RayPool(self, spec, n, num_gpus=self.stage_gpus(spec.stage), node_env=node_env)
+        gpus = self.stage_gpus(spec.stage)
+        pool = RayPool(self, spec, n, num_gpus=gpus, node_env=node_env)
         if wait:
             try:
-                pool.wait_started()
+                pool.wait_started(gpus)
             except BaseException:
                 pool.kill()
                 raise

@@ -130,7 +130,9 @@ def test_bad_input_exits_2_and_writes_nothing(photos: Path, tmp_path: Path):
     assert no_batch.returncode == 2 and "batch.json" in no_batch.stderr
     no_images = batch("--out", tmp_path / "d", *FAST)
     assert no_images.returncode == 2 and "--images" in no_images.stderr
-    assert not any((tmp_path / n).exists() for n in "abcd")
+    one_gpu = batch("--images", photos, "--out", tmp_path / "e", "--device", "cuda:1", *FAST)
+    assert one_gpu.returncode == 2 and "--worker-gpus" in one_gpu.stderr
+    assert not any((tmp_path / n).exists() for n in "abcde")
 
 
 def test_a_second_driver_on_the_same_root_is_refused(photos: Path, tmp_path: Path):

@@ -112,3 +112,18 @@ def test_no_photos_is_an_input_error(tmp_path: Path):
     (tmp_path / "blank.txt").write_text("# nothing\n\n")
     with pytest.raises(InputError, match="no photos"):
         find_photos(tmp_path / "blank.txt")
+
+
+def test_output_inside_the_photo_folder_is_not_searched(user_folder: Path):
+    """--out inside --images: the batch's own run folders (input/image.png, masks, GIFs) and any
+    other run folder are never taken for photos."""
+    root = user_folder / "runs"
+    run = root / "IMG_0001-JPG-12345678"
+    photo(run / "input" / "image.png")
+    (run / "run.json").write_text("{}")
+    photo(user_folder / "old run" / "masks" / "0.png")
+    (user_folder / "old run" / "run.json").write_text("{}")
+    photo(root / "stray.png")
+    rels = {p.rel for p in find_photos(user_folder, exclude=[root])}
+    assert not any(r.startswith(("runs/", "old run/")) for r in rels)
+    assert "IMG_0001.JPG" in rels and len(rels) == 6

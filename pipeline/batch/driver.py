@@ -122,8 +122,13 @@ def run_batch(bcfg: Any, cfgs: Any, *, log: Callable[[str], None] = print) -> in
     stages = _stages(bcfg.stage)
     if root.exists() and not root.is_dir():
         raise InputError(f"--out {root} is a file, not a folder.", "pass a new folder or the root of an earlier batch.")
+    if str(cfgs.run.device).startswith("cuda:"):
+        raise InputError(
+            f"--device {cfgs.run.device} picks one GPU for one photo; a batch spreads its workers over GPUs.",
+            "drop --device (or use --device cuda), and choose GPUs with --worker-gpus or CUDA_VISIBLE_DEVICES.",
+        )
     if bcfg.images is not None:
-        photos = find_photos(Path(bcfg.images))
+        photos = find_photos(Path(bcfg.images), exclude=[root])  # --out may sit inside --images
     elif stages == ["stage2"]:
         photos = _photos_from_batch(root)
     else:

@@ -65,10 +65,14 @@ def _hidden(rel_parts: tuple[str, ...]) -> bool:
     return any(part.startswith(".") for part in rel_parts)
 
 
-def _from_folder(root: Path) -> list[Photo]:
+def _from_folder(root: Path, exclude: list[Path]) -> list[Photo]:
     exts = image_extensions()
     found: list[Photo] = []
+    skip = {str(Path(p).absolute()) for p in exclude}
     for folder, dirs, files in os.walk(root):
+        if folder != str(root) and (folder in skip or "run.json" in files):
+            dirs[:] = []  # the batch's own output (when --out is inside --images) or another run folder
+            continue
         dirs[:] = [d for d in dirs if not d.startswith(".")]  # hidden folders are not searched
         for name in files:
             if name.startswith(".") or os.path.splitext(name)[1].lower() not in exts:
@@ -108,12 +112,13 @@ def _from_list(list_file: Path) -> list[Photo]:
     return found
 
 
-def find_photos(src: Path) -> list[Photo]:
+def find_photos(src: Path, *, exclude: list[Path] | tuple[Path, ...] = ()) -> list[Photo]:
     """Every photo under folder `src` (recursive; extensions Pillow reads, any case; hidden files
-    and folders skipped), or listed in text file `src`. Sorted by relative path."""
+    and folders skipped; folders in `exclude` and run folders (with a run.json) not searched), or
+    listed in text file `src`. Sorted by relative path."""
     src = Path(src).expanduser()
     if src.is_dir():
-        photos = _from_folder(src)
+        photos = _from_folder(src.absolute(), list(exclude))
         where = f"in {src} (searched recursively for .jpg, .png, .webp, .tif and every other format Pillow reads)"
     elif src.is_file():
         photos = _from_list(src)

@@ -122,9 +122,10 @@ def run_batch(bcfg: Any, cfgs: Any, *, log: Callable[[str], None] = print) -> in
     stages = _stages(bcfg.stage)
     if root.exists() and not root.is_dir():
         raise InputError(f"--out {root} is a file, not a folder.", "pass a new folder or the root of an earlier batch.")
-    if str(cfgs.run.device).startswith("cuda:"):
+    device = cfgs.run.device if cfgs.run.device not in (None, "", "auto") else os.environ.get("SAM3DGS_DEVICE", "auto")
+    if str(device).startswith("cuda:"):
         raise InputError(
-            f"--device {cfgs.run.device} picks one GPU for one photo; a batch spreads its workers over GPUs.",
+            f"--device {device} (or SAM3DGS_DEVICE) picks one GPU for one photo; a batch spreads its workers over GPUs.",
             "drop --device (or use --device cuda), and choose GPUs with --worker-gpus or CUDA_VISIBLE_DEVICES.",
         )
     if bcfg.images is not None:

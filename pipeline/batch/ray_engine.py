@@ -115,6 +115,9 @@ class RayPool:
                 node = nodes[i % len(nodes)]
                 options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
                 env = node_env[node]  # type: ignore[index]
+            else:
+                # Ray's default packs a node before the next one; workers belong on every node.
+                options["scheduling_strategy"] = "SPREAD"
             handle = remote.options(**options).remote(spec, f"{spec.stage}-worker-{i}", env)
             self.actors.append({"handle": handle, "name": f"{spec.stage}-worker-{i}", "state": "starting", "busy": 0,
                                 "start": handle.start.remote(), "ready": None, "error": None})

@@ -163,6 +163,12 @@ def worker_main(stage: str, concurrency: int, cfgs: Any) -> int:
     logging.getLogger("pipeline").setLevel(logging.INFO)
     cfgs.run.progress = False  # no bars inside workers: the driver shows one over photos
     try:
+        from pipeline.core.device import pin_cuda_device
+
+        # Before anything imports torch. A batch's workers get their GPU as CUDA_VISIBLE_DEVICES from
+        # the driver or Ray (the driver refuses --device cuda:N), so this only acts on a worker
+        # started by hand with --device cuda:N.
+        cfgs.run.device = pin_cuda_device(cfgs.run.device)
         worker = StageWorker(stage, cfgs, log=log)
     except PipelineError as exc:
         send({"event": "fatal", "error": str(exc), "exit_code": exc.exit_code})

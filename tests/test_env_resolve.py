@@ -53,18 +53,43 @@ def _registry() -> None:
         pytest.skip(f"PyPI (https://pypi.org) is unreachable from here: {exc}")
 
 
-def resolve(tmp_path: Path, args: list[str], python: str, *, deps: bool = True) -> dict[str, dict]:
-    """{canonical name: the report's metadata} of what `pip install ARGS` would install."""
+def _pip(tmp_path: Path, args: list[str], python: str, *, deps: bool = True) -> tuple[subprocess.Popen, Path]:
+    """Start `pip install --dry-run --report` for ARGS as a linux x86-64 CPython `python` would."""
     _registry()
+    tmp_path.mkdir(parents=True, exist_ok=True)
     report = tmp_path / f"report-{len(list(tmp_path.glob('report-*')))}.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
     env.update(PIP_CONFIG_FILE=os.devnull, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
     cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report), "--target", str(tmp_path / "target")]
     cmd += ["--only-binary=:all:", "--implementation", "cp", "--python-version", python] + [f"--platform={p}" for p in PLATFORMS]
     cmd += [] if deps else ["--no-deps"]
-    proc = subprocess.run(cmd + args, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, f"pip could not resolve {args}:\n{proc.stderr[-3000:]}"
+    with open(report.with_suffix(".log"), "w") as log:  # a file, not a pipe: two run at once
+        proc = subprocess.Popen(cmd + args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    return proc, report
+
+
+def _report(job: tuple[subprocess.Popen, Path], args: list[str]) -> dict[str, dict]:
+    """{canonical name: the report's metadata} of what the started pip would install."""
+    proc, report = job
+    proc.wait(timeout=600)
+    assert proc.returncode == 0, f"pip could not resolve {args}:\n{report.with_suffix('.log').read_text()[-3000:]}"
     return {canonicalize_name(i["metadata"]["name"]): i["metadata"] for i in json.loads(report.read_text())["install"]}
+
+
+def resolve(tmp_path: Path, args: list[str], python: str, *, deps: bool = True) -> dict[str, dict]:
+    return _report(_pip(tmp_path, args, python, deps=deps), args)
+
+
+@pytest.fixture(scope="module")
+def env_sets(tmp_path_factory) -> dict[str, tuple[list[str], tuple[subprocess.Popen, Path]]]:
+    """The sam3 (Python 3.12) and sam3d-objects (3.11, upstream's) sets, resolved at the same time."""
+    tmp = tmp_path_factory.mktemp("resolve")
+    jobs = {env: (pip_set(env), _pip(tmp / env, pip_set(env), python)) for env, python in (("sam3", "3.12"), ("sam3d", "3.11"))}
+    yield jobs
+    for _, (proc, _) in jobs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def _yml_pip(name: str) -> list[str]:
@@ -105,11 +130,11 @@ def test_sam3_pins_match_the_submodule():
     assert tomllib.loads(pyproject.read_text())["project"]["dependencies"] == SAM3_DECLARED
 
 
-def test_sam3_env_resolves_to_what_the_pinned_sam3_needs(tmp_path: Path):
+def test_sam3_env_resolves_to_what_the_pinned_sam3_needs(env_sets):
     """The first pip step of the sam3 env (torch, the imports sam3 does not declare, ours) already
     agrees with every pin the pinned sam3 declares, so `pip install -e ./sam3` moves nothing
     (before: numpy 2.x and an opencv built for it, then sam3's numpy==1.26 pulled numpy back)."""
-    got = resolve(tmp_path, pip_set("sam3"), "3.12")
+    got = _report(env_sets["sam3"][1], env_sets["sam3"][0])
     _check_pins(got, SAM3_DECLARED, "the sam3 env's first pip step")
     assert got["numpy"]["version"] == "1.26.0"
     assert {"einops", "psutil", "decord", "torch", "open-clip-torch"} <= set(got), sorted(got)
@@ -123,10 +148,10 @@ def test_sam3_env_resolves_to_what_the_pinned_sam3_needs(tmp_path: Path):
     assert any(d.startswith("nvidia-cuda-runtime-cu12==12.6") for d in got["torch"]["requires_dist"])  # the CUDA 12.6 build
 
 
-def test_sam3d_objects_step_keeps_upstreams_numpy_and_cv2(tmp_path: Path):
+def test_sam3d_objects_step_keeps_upstreams_numpy_and_cv2(env_sets):
     """Our pip step in upstream's env, resolved alone as pip resolves it: numpy stays < 2, no
     opencv-python-headless beside upstream's opencv-python, nothing moved off upstream's pins."""
-    got = resolve(tmp_path, pip_set("sam3d"), "3.11")
+    got = _report(env_sets["sam3d"][1], env_sets["sam3d"][0])
     if "numpy" in got:
         assert Version(got["numpy"]["version"]) < Version("2"), f"numpy {got['numpy']['version']} (open3d 0.18 crashes with numpy 2)"
     assert not (CV2_DISTS - {"opencv-python"}) & set(got), "a second cv2 distribution beside upstream's opencv-python"

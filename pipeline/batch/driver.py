@@ -99,6 +99,19 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+
+    def wrap(self, log: Callable[[str], None]) -> Callable[[str], None]:
+        """`log` that lifts the bar out of the way while it prints."""
+
+        def write(msg: str) -> None:
+            if self.bar is None:
+                log(msg)
+                return
+            with self.bar.external_write_mode(file=sys.stderr):
+                log(msg)
+
+        return write
 
 
 def make_engine(bcfg: Any):
@@ -222,6 +235,7 @@ class _Batch:
         try:
             if todo1 or todo2:
                 self.progress = _Progress(self.cfgs.run.progress, len(todo1) + (len(todo2) if "stage1" not in self.stages else 0))
+                self.log = self.progress.wrap(self.log)
                 self.engine = make_engine(self.bcfg)
                 if todo1:
                     self._stage1(todo1)

@@ -100,6 +100,7 @@ SAM3D_IMPORTS = [
     ("sam3d_objects.pipeline.inference_pipeline_pointmap:InferencePipelinePointMap", "'.[dev]'"),
 ]
 VLLM_IMPORTS = [("torch", ""), ("vllm", "")]  # what `vllm serve` needs first
+SAM3_ONLY = {"einops", "psutil", "decord", "iopath", "timm"}  # imported by sam3 alone, not by our code
 CV2_DISTS = ["opencv-python", "opencv-python-headless", "opencv-contrib-python", "opencv-contrib-python-headless"]
 
 # Runs inside an env's python: argv[1] = JSON list of imports, argv[2] = JSON list of distributions.
@@ -339,6 +340,9 @@ def sam3_checks(py: Path, seg: SegmenterConfig, driver: str | None) -> list[Chec
         return f"{pip} {packages.get(top, top)}"
 
     specs = [spec for spec, _ in SAM3_IMPORTS if x86 or not spec.startswith("decord")]
+    if rep.imports.get(SAM3_IMPORTS[-1][0], "missing") is None:
+        # sam3 imports: what only sam3 needs is there or not needed by this sam3 (0.1.4 imports decord lazily)
+        specs = [spec for spec in specs if spec not in SAM3_ONLY or rep.imports.get(spec) is None]
     checks = import_checks("sam3", rep, specs, fix_for)
     numpy = rep.dists.get("numpy")
     if numpy and numpy != "1.26.0":

@@ -239,3 +239,21 @@ def test_min_driver_follows_nvidias_table(cuda: str, ga: int, floor: int):
     from pipeline.doctor import min_driver
 
     assert min_driver(cuda) == (ga, floor)
+
+
+def test_doctor_probes_upstream_sam3_for_real(tmp_path: Path):
+    """doctor's probe against upstream's real SAM3 (PyPI 0.1.4, the test env .venv-sam3/ that
+    run_tests.sh builds): `sam3.model_builder` really imports, its lazy decord is not demanded,
+    and a module our own code needs (openai, absent there) gets its pip command."""
+    from pipeline.core.config import SegmenterConfig
+    from pipeline.doctor import SAM3_CONSTRAINTS, sam3_checks
+
+    py = Path(os.environ.get("SAM3DGS_SAM3_TEST_VENV", ROOT / ".venv-sam3")) / "bin" / "python"
+    if not py.exists():
+        pytest.skip(f"no SAM3 test env at {py.parent.parent} (bash envs/sam3-test-env.sh creates it)")
+    checks = {c.name: c for c in sam3_checks(py, SegmenterConfig(), None)}
+    assert checks["imports (sam3 env)"].ok and "sam3.model_builder" in checks["imports (sam3 env)"].detail
+    assert "einops" in checks["imports (sam3 env)"].detail and "psutil" in checks["imports (sam3 env)"].detail
+    assert "import decord (sam3 env)" not in checks  # 0.1.4 imports it lazily
+    if "import openai (sam3 env)" in checks:
+        assert checks["import openai (sam3 env)"].fix == f"{py} -m pip install -c {SAM3_CONSTRAINTS} openai"

@@ -353,7 +353,9 @@ def cmd_serve_vlm(args: argparse.Namespace, log_path: Path) -> int:
     from pipeline.plan.server import serve_vlm_main
 
     planner = config_from_args(C.PlannerConfig, args)
-    return serve_vlm_main(config_from_args(C.VLMServerConfig, args), args.log_dir, served_model_name=planner.vlm_model)
+    return serve_vlm_main(
+        config_from_args(C.VLMServerConfig, args), args.log_dir, served_model_name=planner.vlm_model, max_image_side=planner.vlm_max_image_side
+    )
 
 
 def cmd_doctor(args: argparse.Namespace, log_path: Path) -> int:

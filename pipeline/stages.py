@@ -175,10 +175,14 @@ class Stage1:
         from pipeline.plan.server import VLLMServer
 
         log_path = paths.logs_dir / "vllm.log"
-        with VLLMServer(self.cfg.server, log_path, served_model_name=self.cfg.planner.vlm_model) as server:
+        # Scene mode stops vLLM before SAM3 starts, query mode runs both at once: the GPU share follows.
+        mode = "query" if self.cfg.planner.prompt else "scene"
+        server_cfg = dict(served_model_name=self.cfg.planner.vlm_model, mode=mode, max_image_side=self.cfg.planner.vlm_max_image_side)
+        with VLLMServer(self.cfg.server, log_path, **server_cfg) as server:
             self.log(f"vLLM ready at {server.url} (log: {log_path})")
             try:
-                yield VLMPlanner(self.cfg.planner, url=server.url, api_key=server.api_key, model=server.model_name, seed=self.cfg.run.seed)
+                yield VLMPlanner(self.cfg.planner, url=server.url, api_key=server.api_key, model=server.model_name, seed=self.cfg.run.seed,
+                                 vllm_server=True, reasoning_parser=bool(self.cfg.server.reasoning_parser))
             except BackendError as exc:
                 if server.alive():
                     raise

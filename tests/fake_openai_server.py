@@ -1,9 +1,22 @@
 """A real OpenAI-compatible HTTP server on 127.0.0.1 that replays scripted chat answers.
 
 It speaks the parts of vLLM's API the pipeline uses: GET /health, GET /v1/models and
-POST /v1/chat/completions, with vLLM's JSON shapes (message.reasoning_content / reasoning,
-`{"error": {...}}` bodies, 401 without the key). Each scripted `Reply` can set a status code,
+POST /v1/chat/completions, with vLLM's JSON shapes. Each scripted `Reply` can set a status code,
 a delay, a dropped connection, non-JSON bytes, or a 400 for `response_format=json_schema`.
+
+What it imitates, in vLLM 0.33.0 (paths under vllm/ of the PyPI wheel, lines of that version):
+- entrypoints/serve/middleware/authenticate.py:11,60 — the key guards /v1 only, a wrong or
+  missing key gets 401 `{"error": "Unauthorized"}`; /health is open (serve/instrumentator/health.py:22).
+- entrypoints/openai/models/api_router.py:20 + serve/engine/protocol.py:105-113 — GET /v1/models
+  lists model cards with owned_by "vllm" and max_model_len.
+- entrypoints/openai/chat_completion/protocol.py:76-86 — the answer's reasoning is in
+  `message.reasoning` (the only field since PR #33402, Jan 2026; `reasoning_content` before).
+- serve/engine/protocol.py:37-76 — unknown request fields are accepted and ignored (extra="allow").
+- v1/engine/input_processor.py:203-211 — thinking_token_budget without a reasoning parser is a 400.
+- serve/engine/protocol.py:79-88 — errors are `{"error": {message, type, param, code}}`.
+Not vLLM: `strict_fields=True` answers like OpenAI's own API, a 400 for a field it does not know;
+an absolute-form request target (`POST http://host/v1/...`) is served and counted in `proxied`,
+so the same server doubles as an HTTP proxy in front of a remote host.
 
 Used in-process by the planner tests and as the HTTP layer of tests/fake_vllm.py.
 """
@@ -28,7 +41,7 @@ class Reply:
 
     content: str | None = ""
     reasoning: str | None = None
-    reasoning_field: str = "reasoning_content"  # "reasoning_content" (vLLM <0.11), "reasoning" or "both"
+    reasoning_field: str = "reasoning"  # "reasoning" (vLLM 0.33), "reasoning_content" (before PR #33402) or "both"
     finish_reason: str = "stop"
     status: int = 200
     error_message: str = ""
@@ -45,6 +58,12 @@ class Reply:
         fields = {k: data[k] for k in ("content", "reasoning", "reasoning_field", "finish_reason") if k in data}
         fields.update(overrides)
         return Reply(**fields)
+
+
+OPENAI_FIELDS = {
+    "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "presence_penalty",
+    "frequency_penalty", "seed", "response_format", "n", "stop", "stream", "logprobs", "user",
+}
 
 
 @dataclass
@@ -64,6 +83,11 @@ class FakeOpenAIServer:
     host: str = "127.0.0.1"
     port: int = 0
     requests: list[Recorded] = field(default_factory=list)
+    owned_by: str = "vllm"  # up: serve/engine/protocol.py:109 — ModelCard.owned_by
+    reasoning_parser: bool = True  # vLLM started with --reasoning-parser
+    strict_fields: bool = False  # OpenAI-style: a 400 for request fields outside OPENAI_FIELDS
+    max_model_len: int = 32768
+    proxied: list[str] = field(default_factory=list)  # absolute-form targets received (used as a proxy)
     # Test instrumentation, not an imitation of vLLM (its counterpart would be the Prometheus gauge
     # vllm:num_requests_running): each chat request waits chat_delay seconds while counted in flight,
     # and appends {"event": "chat", "in_flight": k, "max_in_flight": m} to stats_path when it arrives.
@@ -159,21 +183,25 @@ class _Handler(BaseHTTPRequestHandler):
             return True
         if self.headers.get("Authorization", "") == f"Bearer {key}":
             return True
-        self._send_json(401, {"error": "Unauthorized"})  # vLLM's middleware answers exactly this
+        self._send_json(401, {"error": "Unauthorized"})  # up: serve/middleware/authenticate.py:60
         return False
 
     def _record(self, body: dict[str, Any] | None) -> None:
+        if "://" in self.path:  # absolute form: the client took us for its HTTP proxy
+            with self.owner._lock:
+                self.owner.proxied.append(self.path)
+            self.path = "/" + self.path.split("://", 1)[1].partition("/")[2]
         with self.owner._lock:
             self.owner.requests.append(Recorded(self.path, {k.lower(): v for k, v in self.headers.items()}, body))
 
     def do_GET(self) -> None:
         self._record(None)
-        if self.path == "/health":
+        if self.path == "/health":  # up: serve/instrumentator/health.py:22, no key needed
             self.send_response(200)
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        if self.path.rstrip("/") == "/v1/models":
+        if self.path.rstrip("/") == "/v1/models":  # up: openai/models/api_router.py:20
             if not self._authorized():
                 return
             self._send_json(
@@ -185,10 +213,10 @@ class _Handler(BaseHTTPRequestHandler):
                             "id": self.owner.model,
                             "object": "model",
                             "created": int(time.time()),
-                            "owned_by": "vllm",
+                            "owned_by": self.owner.owned_by,
                             "root": self.owner.model,
                             "parent": None,
-                            "max_model_len": 16384,
+                            "max_model_len": self.owner.max_model_len,
                         }
                     ],
                 },
@@ -214,6 +242,27 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if body.get("model") != self.owner.model:
             self._error(404, f"The model `{body.get('model')}` does not exist.", "NotFoundError")
+            return
+        unknown = sorted(set(body) - OPENAI_FIELDS)
+        if self.owner.strict_fields and unknown:
+            self._error(400, f"Unrecognized request argument supplied: {unknown[0]}", "invalid_request_error")
+            return
+        if body.get("thinking_token_budget") is not None and not self.owner.reasoning_parser:
+            # up: v1/engine/input_processor.py:203-211
+            self._error(
+                400,
+                "thinking_token_budget is set but reasoning_config is not configured. Please set --reasoning-parser "
+                "and/or --reasoning-config to use thinking_token_budget.",
+                "BadRequestError",
+            )
+            return
+        param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        out_cap = body.get(param)
+        if isinstance(out_cap, int) and out_cap > self.owner.max_model_len:
+            # up: renderers/params.py:272-283 (chat_completion/protocol.py:684-700 picks the param)
+            # — only an output cap above the whole context is refused
+            message = f"{param}={out_cap} cannot be greater than max_model_len={self.owner.max_model_len}. Please request fewer output tokens."
+            self._error(400, message, "BadRequestError")
             return
         owner = self.owner
         with owner._lock:
@@ -254,7 +303,7 @@ class _Handler(BaseHTTPRequestHandler):
         if reply.reasoning is not None:
             if reply.reasoning_field in ("reasoning_content", "both"):
                 message["reasoning_content"] = reply.reasoning
-            if reply.reasoning_field in ("reasoning", "both"):
+            if reply.reasoning_field in ("reasoning", "both"):  # up: chat_completion/protocol.py:86
                 message["reasoning"] = reply.reasoning
         completion_tokens = len((reply.content or "") + (reply.reasoning or "")) // 4
         self._send_json(

@@ -2,6 +2,16 @@
 
 Accepts the flags VLLMServer passes, reads the API key from --api-key or VLLM_API_KEY as vLLM does,
 refuses a taken port, and serves tests/fake_openai_server.py on --host/--port once "loaded".
+What it imitates, in vLLM 0.33.0 (paths under vllm/ of the PyPI wheel):
+- entrypoints/cli/serve.py:164-172 + common/cli_args.py (make_arg_parser): `serve [model_tag]`
+  and flags; an unknown flag is an argparse error (exit 2, "unrecognized arguments"), and so is
+  a JSON-valued flag that is not JSON. KNOWN_FLAGS holds only flags the real parser accepts
+  (tests/test_vllm_argparse.py checks each one against it).
+- utils/argparse_utils.py:373-392 — `--flag_name` is read as `--flag-name`.
+- serve/middleware/register.py:32-35 + envs.py:829 — --api-key wins over VLLM_API_KEY.
+- launchers/launcher.py:340-392 — the port is bound before the model loads, served after.
+- --reasoning-parser '' leaves the server without one: thinking_token_budget is then refused
+  (v1/engine/input_processor.py:203-211, in tests/fake_openai_server.py).
 Behaviour switches (environment):
   FAKE_VLLM_START_DELAY   seconds of pretend model loading before the port opens
   FAKE_VLLM_CRASH_AFTER   exit 1 with a CUDA out-of-memory traceback after this many seconds of loading
@@ -47,23 +57,46 @@ def log(message: str) -> None:
     print(f"INFO {time.strftime('%m-%d %H:%M:%S')} [fake_vllm] {message}", flush=True)
 
 
-def main(argv: list[str]) -> int:
+def _json(text: str) -> object:
+    return json.loads(text)  # dict-valued flags are parsed as JSON (the old `image=1` form is an error)
+
+
+# flag -> argparse keywords; only flags vLLM 0.33's own parser accepts (checked by test_vllm_argparse.py).
+KNOWN_FLAGS: dict[str, dict] = {
+    "--host": {"default": None},
+    "--port": {"type": int, "default": 8000},
+    "--api-key": {"default": None},
+    "--served-model-name": {"default": None},
+    "--max-model-len": {"type": int, "default": None},
+    "--gpu-memory-utilization": {"type": float, "default": 0.92},
+    "--tensor-parallel-size": {"type": int, "default": 1},
+    "--limit-mm-per-prompt": {"type": _json, "default": None},
+    "--mm-processor-kwargs": {"type": _json, "default": None},
+    "--reasoning-parser": {"default": ""},
+    "--allowed-local-media-path": {"default": ""},
+    "--enforce-eager": {"action": "store_true"},
+    "--max-num-seqs": {"type": int, "default": None},
+}
+
+
+def parse_serve_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="vllm")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve")
     serve.add_argument("model")
-    serve.add_argument("--host", default=None)
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", default=None)
-    serve.add_argument("--served-model-name", default=None)
-    serve.add_argument("--max-model-len", type=int)
-    serve.add_argument("--gpu-memory-utilization", type=float)
-    serve.add_argument("--tensor-parallel-size", type=int, default=1)
-    serve.add_argument("--limit-mm-per-prompt", default=None)
-    serve.add_argument("--reasoning-parser", default=None)
-    serve.add_argument("--allowed-local-media-path", default=None)
-    serve.add_argument("--enforce-eager", action="store_true")
-    args = parser.parse_args(argv)
+    for flag, kwargs in KNOWN_FLAGS.items():
+        serve.add_argument(flag, **kwargs)
+    normalized = []
+    for arg in argv:
+        if arg.startswith("--"):  # up: utils/argparse_utils.py:373-392 — underscores read as dashes
+            key, sep, value = arg.partition("=")
+            arg = key.replace("_", "-") + sep + value
+        normalized.append(arg)
+    return parser.parse_args(normalized)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_serve_args(argv)
 
     log(f"argv: {' '.join(argv)}")
     log(f"api key from: {'argv' if args.api_key else ('env' if os.environ.get('VLLM_API_KEY') else 'none')}")
@@ -113,10 +146,12 @@ def main(argv: list[str]) -> int:
         replies = [Reply(content=text) for text in json.loads(Path(os.environ["FAKE_VLLM_REPLY_FILE"]).read_text())]
     server = FakeOpenAIServer(
         replies=replies,
-        api_key=args.api_key or os.environ.get("VLLM_API_KEY"),
+        api_key=args.api_key or os.environ.get("VLLM_API_KEY"),  # up: serve/middleware/register.py:32-35
         model=args.served_model_name or args.model,
         host=host,
         port=args.port,
+        reasoning_parser=bool(args.reasoning_parser),
+        max_model_len=args.max_model_len or 32768,
         chat_delay=float(os.environ.get("FAKE_VLLM_CHAT_DELAY", "0")),
         stats_path=stats,
     )

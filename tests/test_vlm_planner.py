@@ -66,7 +66,7 @@ def test_scene_plan_with_reasoning_field(photo: np.ndarray) -> None:
     assert plan.reasoning.startswith("Got it") and plan.raw_response.startswith('{"objects"')
     assert request.headers["authorization"] == f"Bearer {KEY}"
     body = request.body
-    assert body["model"] == "qwen3-vl-8b-thinking" and body["max_tokens"] == 8192
+    assert body["model"] == "qwen3-vl-8b-thinking" and body["max_completion_tokens"] == 16384 and "max_tokens" not in body
     assert body["response_format"]["type"] == "json_schema"
     assert body["response_format"]["json_schema"]["schema"]["required"] == ["objects"]
     assert sent_image(body).size == (800, 300)  # downscaled inline, no file path anywhere
@@ -94,7 +94,7 @@ def test_query_mode_keeps_separate_instances(photo: np.ndarray) -> None:
     assert '"the two mugs left of the laptop"' in text and "List only the objects" in text
 
 
-def test_structured_output_rejected_falls_back_once(photo: np.ndarray) -> None:
+def test_structured_output_rejected_falls_back_per_request(photo: np.ndarray) -> None:
     replies = [Reply.fixture("messy_prose_fenced", reject_json_schema=True)]
     with FakeOpenAIServer(replies, api_key=KEY) as server:
         p = planner(server)
@@ -102,10 +102,11 @@ def test_structured_output_rejected_falls_back_once(photo: np.ndarray) -> None:
         plan2 = p.plan(photo)
         bodies = [r.body for r in server.chat_requests]
     assert [i.phrase for i in plan.items] == ["red armchair", "floor lamp", "side table", "teapot"]
-    assert any("rejected structured output (HTTP 400" in w for w in plan.warnings)
+    assert any("rejected structured output (HTTP 400: Unsupported response_format" in w for w in plan.warnings)
     assert "response_format" in bodies[0] and "response_format" not in bodies[1]
-    assert "response_format" not in bodies[2]  # remembered: no second rejection
-    assert len(bodies) == 3 and plan2.warnings == [] and p.last_request["structured_output"] is False
+    # Decided per request: the next one asks for the schema again (the first rejection is no verdict on the server).
+    assert "response_format" in bodies[2] and "response_format" not in bodies[3]
+    assert len(bodies) == 4 and plan2.warnings == plan.warnings and p.last_request["structured_output"] is False
 
 
 def test_unreachable_server(photo: np.ndarray) -> None:
@@ -180,7 +181,7 @@ def test_other_4xx_names_the_server_message(photo: np.ndarray) -> None:
         with pytest.raises(BackendError) as info:
             planner(server).plan(photo)
         count = len(server.chat_requests)
-    assert count == 2  # once with the schema, once without, then it is really the request
+    assert count == 1  # the message does not name response_format/json_schema: no plain-text retry
     assert "rejected the request (HTTP 400: This model's maximum context length is 16384" in str(info.value)
 
 
@@ -334,7 +335,8 @@ def test_plan_record_round_trip(photo: np.ndarray, tmp_path) -> None:
     loaded = json.loads(text)
     assert loaded["format_version"] == 1 and loaded["planner"] == "vlm" and loaded["mode"] == "scene"
     assert loaded["request"]["answer_format"] == "json" and loaded["timing"]["seconds"] >= 0
-    assert loaded["request"]["max_tokens"] == 8192 and "api_key" not in loaded["request"]
+    assert loaded["request"]["max_completion_tokens"] == 16384 and "api_key" not in loaded["request"]
+    assert loaded["request"]["sampling"] == {"temperature": 0.6, "top_p": 0.95, "presence_penalty": 0.0}
     assert len(loaded["warnings"]) == 5 and loaded["items"][0]["box_xyxy"] is None
     back = plan_from_record(loaded)
     assert back.items == plan.items and back.warnings == plan.warnings and back.raw_response == plan.raw_response

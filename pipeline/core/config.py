@@ -50,12 +50,20 @@ class PlannerConfig:
     vlm_url: str | None = opt(None, "Base URL of a running OpenAI-compatible server (…/v1); skips starting vLLM.", env="SAM3DGS_VLM_URL", url=True)
     vlm_model: str = opt("qwen3-vl-8b-thinking", "Model name to request from the server (vLLM's --served-model-name).", env="SAM3DGS_VLM_MODEL")
     vlm_api_key: str | None = opt(None, "API key for the VLM server.", env="SAM3DGS_VLM_API_KEY", secret=True)
-    vlm_timeout: float = opt(300.0, "Seconds to wait for one VLM answer.")
-    vlm_max_image_side: int = opt(1280, "Longest side, in pixels, of the image sent to the VLM (downscaled inline base64).")
+    vlm_timeout: float = opt(900.0, "Seconds to wait for one VLM answer (a thinking model may think for minutes).")
+    vlm_max_image_side: int = opt(1280, "Longest side, in pixels, of the image sent to the VLM (downscaled inline base64; also caps a started vLLM's image size).")
     max_objects: int = opt(15, "Keep at most this many planned objects.")
-    vlm_max_tokens: int = opt(8192, "Most tokens one VLM answer may use (thinking models need thousands).")
-    vlm_temperature: float | None = opt(None, "Sampling temperature for the VLM (default: the model's own generation config).")
-    vlm_structured_output: bool = opt(True, "Ask for JSON through response_format=json_schema (falls back to plain text if the server rejects it).")
+    vlm_max_tokens: int = opt(16384, "Most tokens one VLM answer may use, thinking included (sent as max_completion_tokens).")
+    vlm_thinking_budget: int | None = opt(None, "vLLM only: tokens the model may think before vLLM closes its <think> (thinking_token_budget), so the JSON answer always fits (default: --vlm-max-tokens minus 2048; -1: none sent).")
+    vlm_temperature: float = opt(0.6, "Sampling temperature (Qwen3-VL Thinking's recommended 0.6; 0 is refused for a thinking model: greedy decoding makes it loop).")
+    vlm_top_p: float = opt(0.95, "Sampling top_p (Qwen3-VL Thinking's recommended 0.95).")
+    vlm_top_k: int = opt(20, "vLLM only: sampling top_k (Qwen3-VL Thinking's recommended 20; -1 for none).")
+    vlm_presence_penalty: float = opt(0.0, "Sampling presence_penalty (Qwen3-VL Thinking's recommended 0.0).")
+    vlm_repetition_penalty: float = opt(1.0, "vLLM only: sampling repetition_penalty (Qwen3-VL Thinking's recommended 1.0).")
+    vlm_vllm_fields: Literal["auto", "on", "off"] = opt(
+        "auto", "Send vLLM's own request fields (top_k, repetition_penalty, thinking_token_budget): auto = to a vLLM the pipeline started, or to a server whose /v1/models says owned_by 'vllm' (other servers may reject unknown fields)."
+    )
+    vlm_structured_output: bool = opt(True, "Ask for JSON through response_format=json_schema (per request, plain text when the server's 400 names response_format; off when a started vLLM has no reasoning parser).")
 
 
 @dataclass
@@ -67,8 +75,9 @@ class VLMServerConfig:
     vlm_port: int = opt(0, "Port for vLLM on 127.0.0.1 (0: pick a free one).")
     gpus: str | None = opt(None, "GPU ids for vLLM, e.g. '0' or '0,1' (sets CUDA_VISIBLE_DEVICES).")
     tensor_parallel_size: int = opt(1, "vLLM --tensor-parallel-size.")
-    max_model_len: int = opt(16384, "vLLM --max-model-len.")
-    gpu_memory_utilization: float = opt(0.6, "vLLM --gpu-memory-utilization (the rest of the GPU is left for SAM3 in query mode, when both run at once).")
+    max_model_len: int = opt(32768, "vLLM --max-model-len (prompt + answer; the KV cache for it must fit: 4.5 GiB for Qwen3-VL-8B at 32768).")
+    gpu_memory_utilization: float | None = opt(None, "vLLM --gpu-memory-utilization (default by mode: scene 0.88, vLLM stops before SAM3; query, both at once: what the free GPU memory leaves after --sam3-reserve-gib; 0.88/0.6 without nvidia-smi).")
+    sam3_reserve_gib: float = opt(10.0, "Query mode and serve-vlm, without --gpu-memory-utilization: GiB of vLLM's GPU left free for SAM3 (3.2 GiB of weights plus grounding).")
     ready_timeout: float = opt(1800.0, "Seconds to wait for vLLM to become ready (first load can be slow).")
     keep_server: bool = opt(False, "Leave vLLM running after stage 1 and print its URL.")
     models_dir: Path | None = opt(None, "Where to download model weights (default: the Hugging Face cache).", env="SAM3DGS_MODELS_DIR")

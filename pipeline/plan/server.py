@@ -6,6 +6,21 @@ free port unless one is given, a readiness deadline with progress, the log tail 
 no filesystem access for the server (`--allowed-local-media-path` is never passed: images go inline).
 The server runs in its own process group and is stopped on success, error, Ctrl-C, SIGTERM/SIGHUP
 and interpreter exit, unless `keep_server`.
+
+What the key does not cover: vLLM checks it only under /v1, /v2, /inference and /cohere
+(vllm 0.33 serve/middleware/authenticate.py:11); /invocations (the same inference as /v1),
+/tokenize, /metrics and /health stay open to anyone who can reach the port (its own warning:
+entrypoints/common/cli_args.py:335-345). Bound to 127.0.0.1, that means every local user of
+the machine; on a shared host, keep the server's lifetime short (the default) or put it behind
+your own access control.
+
+GPU memory: vLLM takes `--gpu-memory-utilization` x the GPU's total memory up front
+(v1/worker/utils.py:716-770). Without the flag the share follows the mode: scene mode stops vLLM
+before SAM3 starts, so vLLM takes up to SCENE_SHARE; in query mode (and for `serve-vlm`) both run
+at once, so `--sam3-reserve-gib` is left free. Both are capped by what is free when vLLM starts
+(nvidia-smi); without nvidia-smi the documented fallbacks apply. The multimodal profiling is
+capped to the largest image the planner sends (`--mm-processor-kwargs {"max_pixels": ...}`).
+Loopback traffic (the readiness probe) never goes through an HTTP proxy.
 """
 
 from __future__ import annotations
@@ -34,6 +49,19 @@ HOST = "127.0.0.1"
 DEFAULT_SERVED_NAME = "qwen3-vl-8b-thinking"
 MODEL_FILE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.tiktoken"]
 """Enough for vLLM to load a model; skips README images, .bin duplicates and the like."""
+SCENE_SHARE = 0.88
+"""--gpu-memory-utilization in scene mode (vLLM is stopped before SAM3 starts)."""
+FALLBACK_SHARE = {"scene": SCENE_SHARE, "query": 0.6}
+"""Used when nvidia-smi cannot tell the GPU's memory (0.6 leaves 40 percent of the GPU to SAM3)."""
+FREE_MARGIN = 0.02
+"""Fraction of the GPU kept below what is free at start: vLLM refuses to start when less than its
+whole share is free (v1/worker/utils.py:760-770)."""
+VISION_UNIT = 32
+"""Qwen3-VL: 16-pixel patches merged 2x2, so image sides are rounded to multiples of 32."""
+RUNTIME_OVERHEAD_GIB = 3.0
+"""Beyond weights and KV cache: CUDA context, profiling peak, sampler and CUDA graphs (estimate)."""
+VLLM_ONLY_FLAGS = ("--api-key", "--allowed-local-media-path")
+"""Flags --vllm-arg must not carry (the key travels in the environment; no file access)."""
 
 
 class ServerStartError(BackendError):
@@ -118,8 +146,109 @@ def read_log_tail(path: Path, lines: int = 20) -> list[str]:
     return [line.rstrip() for line in text.splitlines() if line.strip()][-lines:]
 
 
+def max_pixels_for(max_image_side: int) -> int:
+    """The `max_pixels` that keeps any image with sides <= max_image_side at full size after
+    Qwen-VL's smart_resize rounds each side to a multiple of VISION_UNIT (qwen2_vl.py:1079-1128)."""
+    side = -(-max(VISION_UNIT, int(max_image_side)) // VISION_UNIT) * VISION_UNIT
+    return side * side
+
+
+def visible_gpu_memory(cfg: VLMServerConfig, *, command: str = "nvidia-smi") -> list[tuple[float, float]] | None:
+    """(total GiB, free GiB) of each GPU vLLM will use, from nvidia-smi; None if it cannot tell.
+
+    The GPUs are --gpus, else CUDA_VISIBLE_DEVICES, else the first --tensor-parallel-size ones.
+    """
+    ids = cfg.gpus or os.environ.get("CUDA_VISIBLE_DEVICES") or ""
+    argv = [command, "--query-gpu=memory.total,memory.free", "--format=csv,noheader,nounits"]
+    if ids.strip():
+        argv += ["-i", ids.strip()]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if proc.returncode != 0:
+        return None
+    rows = []
+    for line in proc.stdout.splitlines():
+        try:
+            total, free = (float(v) / 1024.0 for v in line.split(","))  # MiB -> GiB
+        except ValueError:
+            continue
+        rows.append((total, free))
+    if not ids.strip():
+        rows = rows[: max(1, cfg.tensor_parallel_size)]
+    return rows or None
+
+
+def estimate_vllm_gib(model_path: Path | None, max_model_len: int, tensor_parallel_size: int = 1) -> float | None:
+    """GiB per GPU vLLM needs for this model: weights (the safetensors files) + KV cache for one
+    max_model_len sequence (layers x KV heads x head_dim x 2 x 2 bytes per token, bf16) + overhead.
+    None when the model folder does not say (e.g. not downloaded yet)."""
+    if model_path is None:
+        return None
+    try:
+        weights = sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors"))
+        config = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    text = config.get("text_config") or config
+    try:
+        layers = int(text["num_hidden_layers"])
+        kv_heads = int(text.get("num_key_value_heads") or text["num_attention_heads"])
+        head_dim = int(text.get("head_dim") or int(text["hidden_size"]) // int(text["num_attention_heads"]))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    if not weights:
+        return None
+    kv = layers * kv_heads * head_dim * 2 * 2 * max_model_len
+    tp = max(1, tensor_parallel_size)
+    return (weights + kv) / tp / 2**30 + RUNTIME_OVERHEAD_GIB
+
+
+def choose_memory_share(
+    cfg: VLMServerConfig, mode: str, gpus: list[tuple[float, float]] | None, *, need_gib: float | None = None
+) -> tuple[float, str]:
+    """(--gpu-memory-utilization, why). An explicit value wins; see the module docstring."""
+    if cfg.gpu_memory_utilization is not None:
+        if not 0.0 < cfg.gpu_memory_utilization <= 1.0:
+            raise InputError(
+                f"--gpu-memory-utilization {cfg.gpu_memory_utilization:g} is not a fraction of the GPU.", "give a number in (0, 1], e.g. 0.85."
+            )
+        return cfg.gpu_memory_utilization, "given"
+    mode = "query" if mode != "scene" else "scene"
+    if not gpus:
+        return FALLBACK_SHARE[mode], f"{mode} mode; nvidia-smi did not report the GPU's memory, so the fallback"
+    reserve = cfg.sam3_reserve_gib if mode == "query" else 0.0
+    total = min(t for t, _ in gpus)
+    free = min(f for _, f in gpus)
+    share = min(SCENE_SHARE, (free - reserve) / total - FREE_MARGIN)
+    share = int(share * 100) / 100.0  # round down
+    why = f"{mode} mode; {free:.1f} of {total:.1f} GiB free" + (f", {reserve:g} GiB left for SAM3" if reserve else "")
+    if share < 0.05:
+        raise BackendError(
+            f"vLLM cannot get GPU memory: {why}.",
+            "free the GPU, put vLLM on another one with --gpus, lower --sam3-reserve-gib, or set --gpu-memory-utilization.",
+        )
+    if need_gib is not None and share * total < need_gib:
+        print(
+            f"[serve-vlm] warning: vLLM gets {share * total:.1f} GiB ({share:.2f} of the GPU; {why}) but needs about "
+            f"{need_gib:.1f} GiB with --max-model-len {cfg.max_model_len}; it may fail to start. Lower --max-model-len, "
+            "use a larger GPU or more --gpus with --tensor-parallel-size.",
+            file=sys.stderr,
+        )
+    return share, why
+
+
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+"""urllib without proxies: the server is on 127.0.0.1, and http_proxy must not route it elsewhere."""
+
+
 class VLLMServer:
-    """`with VLLMServer(cfg, log_path) as server:` -> vLLM ready at `server.url` with `server.api_key`."""
+    """`with VLLMServer(cfg, log_path) as server:` -> vLLM ready at `server.url` with `server.api_key`.
+
+    `mode` ("scene" or "query") picks the GPU share when --gpu-memory-utilization is not given;
+    `max_image_side` caps vLLM's image size (profiling and runtime) to what the planner sends.
+    """
 
     _live: list[VLLMServer] = []
     _handlers_installed = False
@@ -130,6 +259,8 @@ class VLLMServer:
         log_path: Path,
         *,
         served_model_name: str = DEFAULT_SERVED_NAME,
+        mode: str = "query",
+        max_image_side: int | None = 1280,
         poll_interval: float = 0.5,
         progress_every: float = 10.0,
         stop_grace: float = 20.0,
@@ -137,6 +268,10 @@ class VLLMServer:
         self.cfg = cfg
         self.log_path = Path(log_path)
         self.model_name = served_model_name
+        self.mode = mode
+        self.max_image_side = max_image_side
+        self.memory_share: float | None = None
+        self.memory_share_reason = ""
         self.api_key = secrets.token_urlsafe(24)
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
@@ -157,6 +292,22 @@ class VLLMServer:
     def argv(self, model_path: str | Path) -> list[str]:
         """The `vllm serve` command line (the API key travels in the environment instead)."""
         cfg = self.cfg
+        extra = list(cfg.vllm_arg or [])
+        # vLLM reads --flag_name as --flag-name (utils/argparse_utils.py:373-392), so compare that way.
+        given = {a.split("=", 1)[0].replace("_", "-") for a in extra if a.startswith("--")}
+        if "--allowed-local-media-path" in given:
+            raise InputError(
+                "--allowed-local-media-path would give the VLM server read access to files.", "drop it: images are sent inline."
+            )
+        if "--api-key" in given:
+            raise InputError(
+                "--api-key in --vllm-arg would replace the key the pipeline generates (and show it in `ps`).",
+                "drop it: the launcher passes its own key in VLLM_API_KEY; use --vlm-url with --vlm-api-key for a server of your own.",
+            )
+        if self.memory_share is None:
+            gpus = visible_gpu_memory(cfg) if cfg.gpu_memory_utilization is None else None
+            need = estimate_vllm_gib(Path(model_path), cfg.max_model_len, cfg.tensor_parallel_size)
+            self.memory_share, self.memory_share_reason = choose_memory_share(cfg, self.mode, gpus, need_gib=need)
         args = [
             cfg.vllm_command,
             "serve",
@@ -170,7 +321,7 @@ class VLLMServer:
             "--max-model-len",
             str(cfg.max_model_len),
             "--gpu-memory-utilization",
-            str(cfg.gpu_memory_utilization),
+            f"{self.memory_share:g}",
             "--tensor-parallel-size",
             str(cfg.tensor_parallel_size),
         ]
@@ -182,13 +333,12 @@ class VLLMServer:
                     f"--limit-mm-per-prompt is not JSON: {cfg.limit_mm_per_prompt!r}.", 'write it like \'{"image": 1, "video": 0}\'.'
                 ) from exc
             args += ["--limit-mm-per-prompt", cfg.limit_mm_per_prompt]
+        if self.max_image_side and "--mm-processor-kwargs" not in given:
+            # Profiling otherwise runs a 16384-token dummy image (qwen3_vl.py:1146-1156); this also
+            # caps runtime resizing, which never touches our images (their sides are <= max_image_side).
+            args += ["--mm-processor-kwargs", json.dumps({"max_pixels": max_pixels_for(self.max_image_side)})]
         if cfg.reasoning_parser:
             args += ["--reasoning-parser", cfg.reasoning_parser]
-        extra = list(cfg.vllm_arg or [])
-        if any(a.split("=", 1)[0] == "--allowed-local-media-path" for a in extra):
-            raise InputError(
-                "--allowed-local-media-path would give the VLM server read access to files.", "drop it: images are sent inline."
-            )
         return args + extra
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -208,6 +358,7 @@ class VLLMServer:
         else:
             self.port = pick_free_port()
         argv = self.argv(self.model_path)
+        print(f"[serve-vlm] --gpu-memory-utilization {self.memory_share:g} ({self.memory_share_reason})", file=sys.stderr)
         env = dict(os.environ)
         env["VLLM_API_KEY"] = self.api_key
         if cfg.gpus:
@@ -289,7 +440,7 @@ class VLLMServer:
     def _probe(self) -> int | None:
         request = urllib.request.Request(f"{self.url}/models", headers={"Authorization": f"Bearer {self.api_key}"})
         try:
-            with urllib.request.urlopen(request, timeout=2.0) as response:
+            with _DIRECT.open(request, timeout=2.0) as response:
                 return int(response.status)
         except urllib.error.HTTPError as exc:
             return int(exc.code)
@@ -332,14 +483,17 @@ class VLLMServer:
         self.stop()
 
 
-def serve_vlm_main(cfg: VLMServerConfig, run_log_dir: Path, *, served_model_name: str = DEFAULT_SERVED_NAME) -> int:
+def serve_vlm_main(
+    cfg: VLMServerConfig, run_log_dir: Path, *, served_model_name: str = DEFAULT_SERVED_NAME, max_image_side: int | None = 1280
+) -> int:
     """`python -m pipeline serve-vlm`: start vLLM, print how to use it, wait for Ctrl-C, stop it.
 
+    The GPU share is query mode's: runs that use this server may run SAM3 beside it.
     With keep_server it returns right after readiness and leaves the server running.
     Errors propagate as PipelineError for the CLI to print.
     """
     log_path = Path(run_log_dir) / "vllm.log"
-    server = VLLMServer(cfg, log_path, served_model_name=served_model_name)
+    server = VLLMServer(cfg, log_path, served_model_name=served_model_name, mode="query", max_image_side=max_image_side)
     with server:
         print(f"vLLM is serving '{server.model_name}' at {server.url} (log: {log_path})")
         print(f"export SAM3DGS_VLM_URL={server.url} SAM3DGS_VLM_API_KEY={server.api_key} SAM3DGS_VLM_MODEL={server.model_name}")
@@ -347,8 +501,8 @@ def serve_vlm_main(cfg: VLMServerConfig, run_log_dir: Path, *, served_model_name
         if cfg.keep_server:
             print(f"stop it with: kill -TERM -- -{server.pid}")
             return 0
-        print("Press Ctrl-C to stop it.", file=sys.stderr)
         try:
+            print("Press Ctrl-C to stop it.", file=sys.stderr)  # inside the try: a Ctrl-C right after it is caught
             while server.alive():
                 time.sleep(1.0)
         except KeyboardInterrupt:

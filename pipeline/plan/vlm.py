@@ -2,8 +2,24 @@
 
 The photo is sent inline as a base64 JPEG data URL, downscaled to `--vlm-max-image-side`, so the
 server never needs filesystem access. JSON is requested through structured output
-(`response_format` json_schema); a server that rejects it (HTTP 400/422) is asked again in plain
-text, and `pipeline.plan.parse` reads whatever comes back.
+(`response_format` json_schema); when a server's HTTP 400/422 names response_format/json_schema/
+structured output/grammar, that request is asked again in plain text (decided per request), and
+`pipeline.plan.parse` reads whatever comes back.
+
+Request settings (vLLM 0.33 entrypoints/openai/chat_completion/protocol.py:236-300):
+- `max_completion_tokens` (the deprecated `max_tokens` is not sent), `temperature`, `top_p`,
+  `presence_penalty`: standard OpenAI fields, Qwen3-VL Thinking's recommended values by default
+  (QwenLM/Qwen3-VL README, "Generation Hyperparameters", Thinking models: top_p 0.95, top_k 20,
+  repetition_penalty 1.0, presence_penalty 0.0, temperature 0.6).
+- `top_k`, `repetition_penalty`, `thinking_token_budget`: vLLM's own fields, sent only to vLLM
+  (`--vlm-vllm-fields`): a vLLM the pipeline started, or a server whose GET /v1/models says
+  owned_by "vllm" (serve/engine/protocol.py:109). vLLM ignores unknown fields, other servers may not.
+  `thinking_token_budget` makes vLLM close `</think>` after that many thinking tokens
+  (v1/sample/thinking_budget_state.py), so the JSON answer still fits under the output cap; it
+  needs a reasoning parser on the server (v1/engine/input_processor.py:203-211), so it is never
+  sent to a started vLLM without one, and a 400 naming it drops it for that request.
+- Loopback URLs (127.0.0.0/8, ::1, localhost) never go through http(s)_proxy/ALL_PROXY: the client
+  gets its own HTTP client with trust_env off; any other URL honours the user's proxy settings.
 
 Decisions worth knowing:
 - A readable but empty object list raises `EmptyPlanError` (a `BackendError`): the run cannot go on
@@ -46,6 +62,10 @@ from pipeline.plan.parse import (
 
 PLAN_FORMAT_VERSION = 1
 MAX_QUERY_CHARS = 500
+ANSWER_ROOM = 2048
+"""Tokens kept for the JSON answer after thinking when --vlm-thinking-budget is not given."""
+LOOPBACK_NAMES = {"localhost", "localhost.", "ip6-localhost"}
+_SCHEMA_WORDS = re.compile(r"response_format|json_schema|structured|grammar", re.IGNORECASE)
 
 SCENE_INSTRUCTIONS = (
     "You plan the 3D reconstruction of the objects in one photo. List every distinct physical object in the "
@@ -55,7 +75,7 @@ SCENE_INSTRUCTIONS = (
     "phrase of 1 to 4 words that a text-prompted segmentation model can find; add a colour or position only to "
     "tell similar objects apart. Give each object's bounding box as bbox_2d [x1, y1, x2, y2] on a 0-1000 grid "
     "relative to the image. List each physical object once.\n"
-    'Answer with JSON only: {"objects": [{"phrase": "...", "bbox_2d": [x1, y1, x2, y2]}]}'
+    'Answer with JSON only: {"objects": [{"bbox_2d": [x1, y1, x2, y2], "label": "..."}]}'
 )
 QUERY_INSTRUCTIONS = (
     "You find objects in one photo for a user. The user asks for: {query}\n"
@@ -63,7 +83,7 @@ QUERY_INSTRUCTIONS = (
     "own box, and nothing else. Name each with a short English noun phrase of 1 to 4 words that a "
     "text-prompted segmentation model can find. Give its bounding box as bbox_2d [x1, y1, x2, y2] on a 0-1000 "
     "grid relative to the image. If nothing matches, answer with an empty list.\n"
-    'Answer with JSON only: {{"objects": [{{"phrase": "...", "bbox_2d": [x1, y1, x2, y2]}}]}}'
+    'Answer with JSON only: {{"objects": [{{"bbox_2d": [x1, y1, x2, y2], "label": "..."}}]}}'
 )
 VERIFY_INSTRUCTIONS = (
     "Each candidate object in this image is tinted with a colour, outlined and labelled with a number from 1 to "
@@ -74,7 +94,11 @@ VERIFY_INSTRUCTIONS = (
 
 
 def plan_schema(max_items: int) -> dict[str, Any]:
-    """JSON schema of the planner's answer (also valid for OpenAI's strict mode)."""
+    """JSON schema of the planner's answer (also valid for OpenAI's strict mode).
+
+    `bbox_2d` comes before `label`, the order Qwen3-VL was trained to write
+    (QwenLM/Qwen3-VL evaluation/ODinW-13/run_odinw.py:224-231): xgrammar emits properties in
+    schema order."""
     return {
         "type": "object",
         "properties": {
@@ -84,10 +108,10 @@ def plan_schema(max_items: int) -> dict[str, Any]:
                 "items": {
                     "type": "object",
                     "properties": {
-                        "phrase": {"type": "string"},
                         "bbox_2d": {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4},
+                        "label": {"type": "string"},
                     },
-                    "required": ["phrase", "bbox_2d"],
+                    "required": ["bbox_2d", "label"],
                     "additionalProperties": False,
                 },
             }
@@ -129,6 +153,8 @@ class ChatAnswer:
     attempts: int
     structured: bool
     warnings: list[str] = field(default_factory=list)
+    sampling: dict[str, Any] = field(default_factory=dict)
+    vllm_fields: dict[str, Any] = field(default_factory=dict)
 
 
 class VLMPlanner:
@@ -145,8 +171,17 @@ class VLMPlanner:
         model: str | None = None,
         seed: int | None = None,
         retry_delays: tuple[float, ...] = (1.0, 4.0),
+        vllm_server: bool | None = None,
+        reasoning_parser: bool = True,
     ):
-        """`url`, `api_key` and `model` override the config (e.g. with a `VLLMServer`'s values)."""
+        """`url`, `api_key` and `model` override the config (e.g. with a `VLLMServer`'s values).
+
+        `vllm_server=True` says the server is a vLLM (one the pipeline started); None lets
+        `--vlm-vllm-fields auto` ask the server. `reasoning_parser=False` says that vLLM runs
+        without one: structured output then constrains from the first token (vLLM 0.33
+        v1/structured_output/__init__.py:300-310) and the Thinking model would never think, so
+        structured output is turned off, and no thinking budget is sent (the server would refuse it).
+        """
         self.cfg = cfg
         raw_url = url or cfg.vlm_url
         if not raw_url:
@@ -158,9 +193,24 @@ class VLMPlanner:
         # Never OPENAI_API_KEY: a user's OpenAI key must not be sent to an arbitrary --vlm-url.
         self.api_key = api_key or cfg.vlm_api_key or os.environ.get("SAM3DGS_VLM_API_KEY") or "EMPTY"
         self.model = model or cfg.vlm_model
+        if cfg.vlm_temperature <= 0 and "think" in self.model.lower():
+            raise InputError(
+                f"--vlm-temperature {cfg.vlm_temperature:g} means greedy decoding, which makes a thinking model ('{self.model}') repeat itself endlessly.",
+                "use Qwen's recommended 0.6 (the default) or another value above 0.",
+            )
         self.seed = seed
         self.retry_delays = tuple(retry_delays)
         self.structured_output = cfg.vlm_structured_output
+        self.reasoning_parser = reasoning_parser
+        self.notes: list[str] = []
+        if self.structured_output and not reasoning_parser:
+            self.structured_output = False
+            self.notes.append(
+                "structured output is off: vLLM runs without a reasoning parser, and a JSON grammar from the first token would keep the model from thinking"
+            )
+        if cfg.vlm_vllm_fields != "auto":
+            vllm_server = cfg.vlm_vllm_fields == "on"
+        self._vllm_server = vllm_server
         self.last_request: dict[str, Any] = {}
         self.last_verification: dict[str, Any] | None = None
         self._client: Any = None
@@ -186,7 +236,7 @@ class VLMPlanner:
         parsed: ParsedPlan = parse_plan_details(
             answer.content, answer.reasoning, image_size=(width, height), max_objects=self.cfg.max_objects
         )
-        warnings = answer.warnings + parsed.warnings
+        warnings = self.notes + answer.warnings + parsed.warnings
         if answer.finish_reason == "length":
             warnings.append(f"the answer was cut off at {self.cfg.vlm_max_tokens} tokens (finish_reason=length); raise --vlm-max-tokens")
         plan = Plan(
@@ -208,8 +258,9 @@ class VLMPlanner:
             "image_original": [width, height],
             "image_sent": list(sent_size),
             "structured_output": answer.structured,
-            "max_tokens": self.cfg.vlm_max_tokens,
-            "temperature": self.cfg.vlm_temperature,
+            "max_completion_tokens": self.cfg.vlm_max_tokens,
+            "sampling": answer.sampling,
+            "vllm_fields": answer.vllm_fields,
             "seed": self.seed,
             "finish_reason": answer.finish_reason,
             "usage": answer.usage,
@@ -256,7 +307,7 @@ class VLMPlanner:
         ]
         answer = self._chat(messages, schema=verify_schema(len(candidates)), schema_name="candidate_matches")
         numbers, warnings, readable = parse_verify_answer(answer.content, answer.reasoning, len(candidates))
-        warnings = answer.warnings + warnings
+        warnings = self.notes + answer.warnings + warnings
         if readable:
             kept = sorted({n - 1 for n in numbers})
         else:
@@ -288,25 +339,61 @@ class VLMPlanner:
     def _get_client(self) -> Any:
         if self._client is None:
             openai = self._openai()
+            extra: dict[str, Any] = {}
+            if is_loopback_url(self.url):
+                # trust_env=False: no http(s)_proxy/ALL_PROXY (nor .netrc) for a server on this machine.
+                extra["http_client"] = openai.DefaultHttpxClient(trust_env=False, timeout=self.cfg.vlm_timeout)
             # Retries are ours (bounded, 5xx/connection only), so the client's own are off.
-            self._client = openai.OpenAI(base_url=self.url, api_key=self.api_key, timeout=self.cfg.vlm_timeout, max_retries=0)
+            self._client = openai.OpenAI(base_url=self.url, api_key=self.api_key, timeout=self.cfg.vlm_timeout, max_retries=0, **extra)
         return self._client
+
+    def is_vllm(self) -> bool:
+        """Whether to send vLLM's own request fields (see the module docstring); asked once."""
+        if self._vllm_server is None:
+            try:
+                models = self._get_client().models.list().data
+                self._vllm_server = any(getattr(m, "owned_by", None) == "vllm" for m in models)
+            except Exception:  # an unknown server gets only standard fields
+                self._vllm_server = False
+        return self._vllm_server
+
+    def thinking_budget(self) -> int | None:
+        """The thinking_token_budget to send, or None."""
+        budget = self.cfg.vlm_thinking_budget
+        if budget is None:
+            budget = self.cfg.vlm_max_tokens - min(ANSWER_ROOM, self.cfg.vlm_max_tokens // 4)
+        if budget < 0 or not self.reasoning_parser:
+            return None
+        return min(budget, self.cfg.vlm_max_tokens)
+
+    def request_fields(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(standard sampling fields, vLLM-only fields) for every request."""
+        cfg = self.cfg
+        sampling = {"temperature": cfg.vlm_temperature, "top_p": cfg.vlm_top_p, "presence_penalty": cfg.vlm_presence_penalty}
+        vllm: dict[str, Any] = {}
+        if self.is_vllm():
+            vllm = {"top_k": cfg.vlm_top_k, "repetition_penalty": cfg.vlm_repetition_penalty}
+            budget = self.thinking_budget()
+            if budget is not None:
+                vllm["thinking_token_budget"] = budget
+        return sampling, vllm
 
     def _chat(self, messages: list[dict[str, Any]], *, schema: dict[str, Any], schema_name: str) -> ChatAnswer:
         openai = self._openai()
         client = self._get_client()
         warnings: list[str] = []
-        use_schema = self.structured_output
+        use_schema = self.structured_output  # decided per request: a rejection affects this one only
+        sampling, vllm_fields = self.request_fields()
         attempts = 0
         failures = 0
         started = time.monotonic()
         while True:
             attempts += 1
-            kwargs: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": self.cfg.vlm_max_tokens}
-            if self.cfg.vlm_temperature is not None:
-                kwargs["temperature"] = self.cfg.vlm_temperature
+            kwargs: dict[str, Any] = {"model": self.model, "messages": messages, "max_completion_tokens": self.cfg.vlm_max_tokens, **sampling}
             if self.seed is not None:
                 kwargs["seed"] = self.seed
+            if vllm_fields:
+                kwargs["extra_body"] = dict(vllm_fields)
             if use_schema:
                 kwargs["response_format"] = {
                     "type": "json_schema",
@@ -333,13 +420,18 @@ class VLMPlanner:
                 ) from exc
             except openai.APIStatusError as exc:
                 status = exc.status_code
-                if use_schema and status in (400, 422):
-                    # Many OpenAI-compatible servers do not know response_format=json_schema.
+                message = _server_message(exc, 400)
+                if use_schema and status in (400, 422) and _SCHEMA_WORDS.search(message):
+                    # Some OpenAI-compatible servers do not know response_format=json_schema.
                     use_schema = False
-                    self.structured_output = False
                     warnings.append(
-                        f"the server rejected structured output (HTTP {status}: {_server_message(exc, 120)}); asked again for plain JSON"
+                        f"the server rejected structured output (HTTP {status}: {_one_line(message, 120)}); asked again for plain JSON"
                     )
+                    continue
+                if "thinking_token_budget" in vllm_fields and status in (400, 422) and "thinking_token_budget" in message:
+                    # A vLLM started without a reasoning parser (v1/engine/input_processor.py:203-211).
+                    del vllm_fields["thinking_token_budget"]
+                    warnings.append(f"the server refused thinking_token_budget (HTTP {status}: {_one_line(message, 120)}); asked again without it")
                     continue
                 if status >= 500:
                     failures += 1
@@ -376,6 +468,8 @@ class VLMPlanner:
             attempts=attempts,
             structured=use_schema,
             warnings=warnings,
+            sampling=sampling,
+            vllm_fields=vllm_fields,
         )
 
     def _not_a_completion(self, exc: BaseException) -> BackendError:
@@ -418,7 +512,8 @@ class VLMPlanner:
             )
         return BackendError(
             f"The VLM server at {where} rejected the request (HTTP {status}: {detail}).",
-            "lower --vlm-max-image-side or --vlm-max-tokens if the message mentions length, or check --vlm-model.",
+            "lower --vlm-max-image-side or --vlm-max-tokens if the message mentions length (--vlm-max-tokens must stay below the server's "
+            "--max-model-len), use --vlm-vllm-fields off if it names top_k or thinking_token_budget, or check --vlm-model.",
         )
 
     def _served_models(self) -> list[str]:
@@ -429,6 +524,19 @@ class VLMPlanner:
 
 
 # ---- helpers ------------------------------------------------------------------------------------
+
+
+def is_loopback_url(url: str) -> bool:
+    """Whether the URL's host is this machine (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    host = (urlsplit(url).hostname or "").lower()
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def normalize_base_url(url: str) -> str:
@@ -592,7 +700,9 @@ def _is_secret_key(name: str) -> bool:
 
 
 def _message_reasoning(message: Any) -> str:
-    """vLLM puts reasoning in `reasoning_content` (older) or `reasoning` (0.11+)."""
+    """The reasoning vLLM split off: `reasoning` (since vllm-project/vllm PR #27752, Nov 2025, after
+    0.11.0; the only field in 0.33, chat_completion/protocol.py:86) or `reasoning_content` (up to
+    its removal in PR #33402, Jan 2026)."""
     for name in ("reasoning_content", "reasoning"):
         value = getattr(message, name, None)
         if value is None:

@@ -235,3 +235,16 @@ def test_worker_exits_at_once_when_the_driver_vanishes(tmp_path: Path):
     assert time.monotonic() - t0 < 10
     if proc.poll() is None:  # pragma: no cover - cleanup on failure
         os.kill(proc.pid, signal.SIGKILL)
+
+
+def test_real_worker_that_cannot_load_its_model_fails_its_start(tmp_path: Path):
+    """The models are loaded before 'ready': a missing sam3 package is one start error with the
+    child's exit code (3), not a failure of every photo."""
+    import importlib.util
+
+    if importlib.util.find_spec("sam3") is not None:
+        pytest.skip("sam3 is installed in this env")
+    w = WorkerProcess("stage1", ["--profile=lite", "--segmenter=sam3", "--box=1,1,40,40,cup"], log_path=tmp_path / "w.log")
+    with pytest.raises(WorkerStartError) as err:
+        w.start()
+    assert err.value.exit_code == 3 and "sam3" in str(err.value) and "Fix:" in str(err.value)

@@ -111,9 +111,12 @@ def project_root() -> Path:
 class WorkerStartError(BackendError):
     """A stage worker did not become ready. `exit_code` is the child's own (3: a missing dependency)."""
 
-    def __init__(self, problem: str, fix: str, exit_code: int = 4):
-        super().__init__(problem, fix)
+    def __init__(self, problem: str, fix: str = "", exit_code: int = 4):
+        super().__init__(problem, fix or None)
         self.exit_code = exit_code
+
+    def __reduce__(self):  # crosses process boundaries (Ray sends it from the actor to the driver)
+        return (type(self), (self.problem, self.fix or "", self.exit_code))
 
 
 @dataclasses.dataclass
@@ -174,6 +177,7 @@ class WorkerProcess:
         self.ready: dict[str, Any] | None = None
         self.starts = 0
         self._generation = 0
+        self._exited_generation = 0  # the newest child whose reader saw it end
         self._ids = itertools.count(1)
         self._slots: dict[str, _Slot] = {}
         self._lock = threading.Lock()  # slots, generation, process_
@@ -300,6 +304,7 @@ class WorkerProcess:
             code = proc.wait()
         ready_event.set()
         with self._lock:
+            self._exited_generation = max(self._exited_generation, generation)
             orphans = [s for s in self._slots.values() if s.generation == generation]
             for s in orphans:
                 del self._slots[s.request_id]
@@ -324,13 +329,17 @@ class WorkerProcess:
             self._gate.notify_all()
 
     def _send(self, message: dict[str, Any]) -> _Slot:
-        with self._start_lock:
-            if not self.alive():
-                self._start_locked()
-            with self._lock:
-                slot = _Slot(str(message["id"]), self._generation)
-                self._slots[slot.request_id] = slot
-                proc = self.process_
+        while True:
+            with self._start_lock:
+                if not self.alive():
+                    self._start_locked()
+                with self._lock:
+                    # A child whose reader already swept its slots would never answer this one.
+                    if self._exited_generation != self._generation:
+                        slot = _Slot(str(message["id"]), self._generation)
+                        self._slots[slot.request_id] = slot
+                        proc = self.process_
+                        break
         assert proc is not None and proc.stdin is not None
         try:
             with self._write_lock:

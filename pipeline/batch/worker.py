@@ -65,7 +65,9 @@ class StageWorker:
                     "run it through `python -m pipeline batch` (which starts one server), or set SAM3DGS_VLM_URL.",
                 )
             self.runner = Stage1(cfgs, self.choice, log=log)
-            self.runner.segmenter()  # load now: a broken model fails the start, not every photo
+            segmenter = self.runner.segmenter()
+            if hasattr(segmenter, "load"):
+                segmenter.load()  # SAM3 now: a missing package or checkpoint fails the start, not every photo
         else:
             self.runner = Stage2(cfgs, self.choice, log=log)
             self.runner.lifter()

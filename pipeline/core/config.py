@@ -55,7 +55,7 @@ class PlannerConfig:
     max_objects: int = opt(15, "Keep at most this many planned objects.")
     vlm_max_tokens: int = opt(16384, "Most tokens one VLM answer may use, thinking included (sent as max_completion_tokens).")
     vlm_thinking_budget: int | None = opt(None, "vLLM only: tokens the model may think before vLLM closes its <think> (thinking_token_budget), so the JSON answer always fits (default: --vlm-max-tokens minus 2048; -1: none sent).")
-    vlm_temperature: float = opt(0.6, "Sampling temperature (Qwen3-VL Thinking's recommended 0.6; 0 is refused for a thinking model: greedy decoding makes it loop).")
+    vlm_temperature: float = opt(0.6, "Sampling temperature (Qwen3-VL Thinking's recommended 0.6; 0, greedy decoding, is refused for a thinking model, as Qwen's settings say).")
     vlm_top_p: float = opt(0.95, "Sampling top_p (Qwen3-VL Thinking's recommended 0.95).")
     vlm_top_k: int = opt(20, "vLLM only: sampling top_k (Qwen3-VL Thinking's recommended 20; -1 for none).")
     vlm_presence_penalty: float = opt(0.0, "Sampling presence_penalty (Qwen3-VL Thinking's recommended 0.0).")

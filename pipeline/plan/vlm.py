@@ -195,7 +195,7 @@ class VLMPlanner:
         self.model = model or cfg.vlm_model
         if cfg.vlm_temperature <= 0 and "think" in self.model.lower():
             raise InputError(
-                f"--vlm-temperature {cfg.vlm_temperature:g} means greedy decoding, which makes a thinking model ('{self.model}') repeat itself endlessly.",
+                f"--vlm-temperature {cfg.vlm_temperature:g} means greedy decoding, which Qwen's settings for thinking models ('{self.model}') rule out (it tends to loop).",
                 "use Qwen's recommended 0.6 (the default) or another value above 0.",
             )
         self.seed = seed

@@ -18,7 +18,8 @@ from fake_vllm import make_launchable
 
 from pipeline.core.config import PlannerConfig, VLMServerConfig
 from pipeline.core.errors import BackendError, InputError
-from pipeline.plan.server import VLLMServer, choose_memory_share, estimate_vllm_gib, max_pixels_for
+from pipeline.plan import server as launcher
+from pipeline.plan.server import VLLMServer
 from pipeline.plan.vlm import VLMPlanner
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups, /bin/sh stand-ins")
@@ -50,6 +51,13 @@ def server(fake: dict, mode: str = "scene", max_image_side: int | None = 1280, *
     values = {"vlm_model_id": str(fake["model"]), "vllm_command": str(fake["exe"]), "ready_timeout": 10.0}
     values.update(fields)
     return VLLMServer(VLMServerConfig(**values), fake["log"], mode=mode, max_image_side=max_image_side, poll_interval=0.05, stop_grace=2.0)  # type: ignore[arg-type]
+
+
+def plain_server(fake: dict, **fields: object) -> VLLMServer:
+    """Without the mode and image-size arguments (the defaults: query mode, 1280 pixels)."""
+    values = {"vlm_model_id": str(fake["model"]), "vllm_command": str(fake["exe"]), "ready_timeout": 10.0}
+    values.update(fields)
+    return VLLMServer(VLMServerConfig(**values), fake["log"], poll_interval=0.05, stop_grace=2.0)  # type: ignore[arg-type]
 
 
 def flag(argv: list[str], name: str) -> str:
@@ -107,9 +115,9 @@ def test_memory_estimate_warns_when_the_share_is_too_small(fake: dict, capsys: p
     (fake["model"] / "config.json").write_text(json.dumps(config))
     with open(fake["model"] / "model.safetensors", "wb") as fh:
         fh.truncate(int(16.3 * 2**30))
-    need = estimate_vllm_gib(fake["model"], 32768)
+    need = launcher.estimate_vllm_gib(fake["model"], 32768)
     assert need == pytest.approx(16.3 + 4.5 + 3.0, abs=0.01)  # 144 KiB/token x 32768 = 4.5 GiB KV
-    assert estimate_vllm_gib(fake["model"], 32768, tensor_parallel_size=2) == pytest.approx((16.3 + 4.5) / 2 + 3.0, abs=0.01)
+    assert launcher.estimate_vllm_gib(fake["model"], 32768, tensor_parallel_size=2) == pytest.approx((16.3 + 4.5) / 2 + 3.0, abs=0.01)
     fake_smi(fake, [(32607, 32000)])  # a 32 GB card in query mode
     server(fake, "query").argv(fake["model"])
     err = capsys.readouterr().err
@@ -120,9 +128,9 @@ def test_memory_estimate_warns_when_the_share_is_too_small(fake: dict, capsys: p
 
 
 def test_choose_memory_share_without_gpus() -> None:
-    assert choose_memory_share(VLMServerConfig(), "scene", None)[0] == 0.88
-    assert choose_memory_share(VLMServerConfig(), "query", None)[0] == 0.6
-    assert choose_memory_share(VLMServerConfig(gpu_memory_utilization=0.7), "scene", [(80.0, 80.0)]) == (0.7, "given")
+    assert launcher.choose_memory_share(VLMServerConfig(), "scene", None)[0] == 0.88
+    assert launcher.choose_memory_share(VLMServerConfig(), "query", None)[0] == 0.6
+    assert launcher.choose_memory_share(VLMServerConfig(gpu_memory_utilization=0.7), "scene", [(80.0, 80.0)]) == (0.7, "given")
 
 
 def test_profiling_capped_to_the_images_we_send(fake: dict) -> None:
@@ -130,7 +138,7 @@ def test_profiling_capped_to_the_images_we_send(fake: dict) -> None:
     argv = server(fake, max_image_side=1280).argv(fake["model"])
     assert json.loads(flag(argv, "--mm-processor-kwargs")) == {"max_pixels": 1280 * 1280}
     assert json.loads(flag(server(fake, max_image_side=1000).argv(fake["model"]), "--mm-processor-kwargs")) == {"max_pixels": 1024 * 1024}
-    assert max_pixels_for(1279) == 1280 * 1280 and max_pixels_for(10) == 32 * 32
+    assert launcher.max_pixels_for(1279) == 1280 * 1280 and launcher.max_pixels_for(10) == 32 * 32
     # The user's own value wins (one flag, not two).
     own = server(fake, vllm_arg=['--mm_processor_kwargs={"max_pixels": 200704}']).argv(fake["model"])
     assert "--mm-processor-kwargs" not in own and own[-1] == '--mm_processor_kwargs={"max_pixels": 200704}'
@@ -148,7 +156,7 @@ def test_profiling_capped_to_the_images_we_send(fake: dict) -> None:
 )
 def test_guard_refuses_file_access_and_a_second_key(fake: dict, extra: list[str], what: str) -> None:
     with pytest.raises(InputError, match=what):
-        server(fake, gpu_memory_utilization=0.5, vllm_arg=extra).argv("m")
+        plain_server(fake, gpu_memory_utilization=0.5, vllm_arg=extra).argv("m")
 
 
 def test_stand_in_vllm_parses_like_the_real_one(fake: dict) -> None:
@@ -179,7 +187,7 @@ def test_probe_and_planner_ignore_a_dead_proxy(fake: dict, monkeypatch: pytest.M
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
     fake_smi(fake, [H100])
-    with server(fake, ready_timeout=8.0) as srv:
+    with plain_server(fake, ready_timeout=8.0) as srv:
         assert srv.ready_seconds is not None and srv.ready_seconds < 8.0
         planner = VLMPlanner(PlannerConfig(), url=srv.url, api_key=srv.api_key, model=srv.model_name, vllm_server=True)
         plan = planner.plan(np.zeros((64, 64, 3), np.uint8))

@@ -16,8 +16,9 @@ from fake_openai_server import FakeOpenAIServer, Reply
 from pipeline.core.config import PlannerConfig
 from pipeline.core.errors import BackendError, InputError
 from pipeline.core.types import ObjectMask
+from pipeline.plan import vlm
 from pipeline.plan.parse import parse_plan_text
-from pipeline.plan.vlm import VLMPlanner, is_loopback_url, plan_schema
+from pipeline.plan.vlm import VLMPlanner
 
 KEY = "k-123"
 FAST = (0.01, 0.01)
@@ -73,9 +74,9 @@ def test_remote_url_still_goes_through_the_users_proxy(photo: np.ndarray, monkey
 
 
 def test_loopback_detection() -> None:
-    assert is_loopback_url("http://127.0.0.1:8000/v1") and is_loopback_url("http://127.5.0.1/v1")
-    assert is_loopback_url("http://[::1]:8000/v1") and is_loopback_url("http://LOCALHOST:1/v1")
-    assert not is_loopback_url("https://api.example.com/v1") and not is_loopback_url("http://10.0.0.2:8000/v1")
+    assert vlm.is_loopback_url("http://127.0.0.1:8000/v1") and vlm.is_loopback_url("http://127.5.0.1/v1")
+    assert vlm.is_loopback_url("http://[::1]:8000/v1") and vlm.is_loopback_url("http://LOCALHOST:1/v1")
+    assert not vlm.is_loopback_url("https://api.example.com/v1") and not vlm.is_loopback_url("http://10.0.0.2:8000/v1")
 
 
 # ---- sampling, budget and vLLM-only fields ------------------------------------------------------
@@ -178,7 +179,7 @@ def test_schema_rejection_does_not_stick_to_the_verify_call(photo: np.ndarray) -
 
 
 def test_schema_puts_the_box_before_the_label(photo: np.ndarray) -> None:
-    item = plan_schema(5)["properties"]["objects"]["items"]
+    item = vlm.plan_schema(5)["properties"]["objects"]["items"]
     assert list(item["properties"]) == ["bbox_2d", "label"] and item["required"] == ["bbox_2d", "label"]
     with FakeOpenAIServer([Reply(content=QWEN_ANSWER)], api_key=KEY) as server:
         planner(server.url).plan(photo)

@@ -369,7 +369,8 @@ def cmd_doctor(args: argparse.Namespace, log_path: Path) -> int:
 def cmd_batch(args: argparse.Namespace, log_path: Path) -> int:
     from pipeline.batch.driver import run_batch
 
-    return run_batch(config_from_args(C.BatchConfig, args), _configs(args), log=say)
+    # The driver's log goes to ROOT/logs/pipeline.log once ROOT is known good.
+    return run_batch(config_from_args(C.BatchConfig, args), _configs(args), log=say, on_root=_start_log)
 
 
 def cmd_worker(args: argparse.Namespace, log_path: Path) -> int:

@@ -97,7 +97,7 @@ def test_changed_stage2_setting_redoes_stage2_only(photos: Path, first_batch, tm
     args[args.index("--gif-frames") + 1] = "4"  # stage 2 depends on it, stage 1 does not
     proc = batch("--images", photos, "--out", mirror, *args)
     assert proc.returncode == 1, proc.stderr
-    logs = sorted(p.name for p in (mirror / "logs").glob("*.log"))
+    logs = sorted(p.name for p in (mirror / "logs").glob("stage*-worker-*.log"))
     assert logs == ["stage2-worker-0.log"]  # stage 1 was done for these settings: no stage 1 worker
     with Image.open(mirror / run_rel_for("scène.png") / "scene" / "scene.gif") as gif:
         assert gif.n_frames == 4

@@ -124,9 +124,10 @@ def make_engine(bcfg: Any):
     return LocalEngine(bcfg)
 
 
-def run_batch(bcfg: Any, cfgs: Any, *, log: Callable[[str], None] = print) -> int:
+def run_batch(bcfg: Any, cfgs: Any, *, log: Callable[[str], None] = print, on_root: Callable[[Path], Any] | None = None) -> int:
     """Run the batch; returns 0 when every photo is done, 1 when some failed, are partial or pending.
-    Raises PipelineError for bad input (no photos, --image with --images ...)."""
+    Raises PipelineError for bad input (no photos, --image with --images ...). `on_root(ROOT)` is
+    called once the input is checked and ROOT exists (the CLI moves its log to ROOT/logs/ then)."""
     if cfgs.run.image is not None:
         raise InputError("--image and --images are exclusive.", "use --image PHOTO for one photo, or --images DIR for a batch.")
     if cfgs.run.out is None:
@@ -151,6 +152,8 @@ def run_batch(bcfg: Any, cfgs: Any, *, log: Callable[[str], None] = print) -> in
         raise InputError("--max-attempts and --vlm-concurrency must be at least 1.", "pass a positive number.")
     root.mkdir(parents=True, exist_ok=True)
     with _root_lock(root):
+        if on_root is not None:
+            on_root(root)
         return _Batch(bcfg, cfgs, root, photos, stages, log).run()
 
 

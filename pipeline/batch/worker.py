@@ -159,6 +159,9 @@ def worker_main(stage: str, concurrency: int, cfgs: Any) -> int:
             out.write(encode(message))
 
     log = _PhotoLog()
+    for old in list(logging.getLogger("pipeline").handlers):  # the CLI's temporary log file: stderr is this worker's log
+        logging.getLogger("pipeline").removeHandler(old)
+        old.close()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger("pipeline").addHandler(handler)

@@ -80,7 +80,9 @@ def test_rerun_of_a_finished_batch_starts_nothing(photos: Path, first_batch):
     root, _ = first_batch
     before = json.loads((root / "batch.json").read_text())
     starts = worker_starts(root)
+    (root / ".tmp-batch-killed.json").write_text("{")  # a driver killed while rewriting batch.json
     proc = batch("--images", photos, "--out", root, *FAST)
+    assert not (root / ".tmp-batch-killed.json").exists()
     assert proc.returncode == 1  # the broken photo stays failed for the same inputs: not retried
     assert worker_starts(root) == starts
     after = json.loads((root / "batch.json").read_text())

@@ -25,6 +25,7 @@ from typing import Any
 from pipeline.batch import manifest as M
 from pipeline.batch.photos import Photo, find_photos
 from pipeline.batch.protocol import WorkerSpec, config_argv, config_env
+from pipeline.core.atomic import TMP_PREFIX
 from pipeline.core.errors import InputError, describe
 
 STAGE_NAMES = {"stage1": "stage 1", "stage2": "stage 2"}
@@ -152,6 +153,9 @@ def run_batch(bcfg: Any, cfgs: Any, *, log: Callable[[str], None] = print, on_ro
         raise InputError("--max-attempts and --vlm-concurrency must be at least 1.", "pass a positive number.")
     root.mkdir(parents=True, exist_ok=True)
     with _root_lock(root):
+        # A driver killed while rewriting batch.json or index.html leaves their temporaries; ours only.
+        for leftover in [*root.glob(TMP_PREFIX + "batch-*"), *root.glob(TMP_PREFIX + "index-*")]:
+            leftover.unlink(missing_ok=True)
         if on_root is not None:
             on_root(root)
         return _Batch(bcfg, cfgs, root, photos, stages, log).run()

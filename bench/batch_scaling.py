@@ -1,0 +1,275 @@
+"""Batch throughput against the number of GPUs: the same photos through both stages with 1, 2, ... GPUs.
+
+Stage 1: SAM3 (random weights written once to a checkpoint file, masks forced the way
+bench/stage1_sam3.py forces them: confidence 0, one mask per phrase, duplicate removal off, any box
+overlap), prompted with five boxes (no VLM: the demo scene's objects, so every photo has five).
+Stage 2: the built-in inflate lifter and every export, turntables through gsplat (--renderer gsplat).
+Each GPU count is one `python -m pipeline batch` run (default --engine ray, a local Ray that sees
+CUDA_VISIBLE_DEVICES=0..k-1) into a fresh folder over the same photos, one stage 1 worker and one
+stage 2 worker per GPU.
+
+Per run: process wall time; photos/s end to end (wall) and in steady state (stage 1 and stage 2
+spans from the run folders' file times: the first to the last photo finished, times N/(N-1)); the
+ratio to the first GPU count; the GPU busy share (nvidia-smi utilization.gpu sampled every 0.5 s,
+mean over the GPUs used and the run). Target (issue 9): >= 1.8x from 1 to 2 GPUs; issue 10:
+>= 0.9 x the GPU count up to 8. `--gpus 0` is a CPU smoke run (classical pieces stay the same).
+
+Run (light env with Ray, sam3 and gsplat importable; CUDA GPUs):
+  python bench/batch_scaling.py --photos 32 --gpus 1,2 [--work DIR] [--engine ray|local]
+Prints a markdown table for docs/PERFORMANCE.md and writes WORK/batch_scaling.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+FORCED = ["--confidence", "0", "--max-masks-per-phrase", "1", "--dedup-iou", "1.01", "--dedup-iom", "1.01", "--box-min-iou", "0"]
+
+
+def _one_photo(args: tuple[int, int, int, str]) -> None:
+    seed, w, h, path = args
+    import tempfile
+
+    from pipeline.demo.scene import make_demo_scene
+
+    with tempfile.TemporaryDirectory() as tmp:
+        make_demo_scene(Path(tmp), width=w, height=h, seed=seed)
+        Image.open(Path(tmp) / "image.png").convert("RGB").save(path)
+
+
+def make_photos(folder: Path, n: int, w: int, h: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"photo_{i:04d}.png" for i in range(n)]
+    todo = [(i + 1, w, h, str(p)) for i, p in enumerate(paths) if not p.exists()]
+    if todo:
+        with ProcessPoolExecutor(max(1, min(len(todo), (os.cpu_count() or 2) - 1))) as ex:
+            list(ex.map(_one_photo, todo))
+    return paths
+
+
+def demo_boxes(w: int, h: int) -> list[str]:
+    """--box values (pixels, with labels) around the demo scene's five objects, a little padded."""
+    import tempfile
+
+    from pipeline.demo.scene import make_demo_scene
+
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        make_demo_scene(Path(tmp), width=w, height=h, seed=0)
+        names = [o["name"] for o in json.loads((Path(tmp) / "scene.json").read_text()).get("objects", [])]
+        for i, gt in enumerate(sorted((Path(tmp) / "gt").glob("*.png"))):
+            m = np.asarray(Image.open(gt)) > 127
+            ys, xs = np.nonzero(m)
+            pad = 0.03 * max(w, h)
+            box = [max(0, xs.min() - pad), max(0, ys.min() - pad), min(w, xs.max() + 1 + pad), min(h, ys.max() + 1 + pad)]
+            label = names[i] if i < len(names) else f"object {i}"
+            out.append(",".join(f"{v:.0f}" for v in box) + f",{label}")
+    return out
+
+
+def write_random_sam3(path: Path, bpe: Path | None) -> None:
+    """SAM3's real architecture with random weights, saved as an image-model state dict (what
+    --sam3-checkpoint accepts), so the batch's workers load it with no download."""
+    import torch
+
+    from pipeline.core.config import SegmenterConfig
+    from pipeline.masks.sam3 import Sam3Segmenter
+
+    seg = Sam3Segmenter(SegmenterConfig(sam3_bpe=bpe), device="cuda" if torch.cuda.is_available() else "cpu", load_from_hf=False)
+    model = seg.load()
+    tmp = path.with_suffix(".tmp")
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, path)
+
+
+class GpuSampler:
+    """nvidia-smi utilization.gpu of the given GPUs every 0.5 s, in a thread."""
+
+    def __init__(self, gpus: list[int]):
+        self.gpus, self.samples, self._stop = gpus, [], threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                out = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=index,utilization.gpu", "--format=csv,noheader,nounits"],
+                    capture_output=True,
+                    text=True,
+                    timeout=5,
+                ).stdout
+                util = {int(a): float(b) for a, b in (line.split(",") for line in out.strip().splitlines())}
+                self.samples.append([util[g] for g in self.gpus if g in util])
+            except (OSError, ValueError, subprocess.TimeoutExpired):
+                pass
+            self._stop.wait(0.5)
+
+    def __enter__(self) -> GpuSampler:
+        if self.gpus:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self.thread.is_alive():
+            self.thread.join()
+
+    def busy(self) -> float | None:
+        values = [v for s in self.samples for v in s]
+        return statistics.mean(values) / 100 if values else None
+
+
+def span_rate(times: list[float]) -> float | None:
+    """Photos per second from finish times: (N - 1) photos in (last - first) seconds."""
+    if len(times) < 2 or max(times) <= min(times):
+        return None
+    return (len(times) - 1) / (max(times) - min(times))
+
+
+def run_batch(args, k: int, photos: Path, checkpoint: Path, boxes: list[str]) -> dict:
+    out = args.work / f"out-{args.engine}-{k}gpu"
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    gpus = list(range(k))
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))}
+    argv = [
+        sys.executable, "-m", "pipeline", "batch", "--images", str(photos), "--out", str(out), "--engine", args.engine, "--no-progress",
+        "--planner", "none", "--segmenter", "sam3", "--sam3-checkpoint", str(checkpoint), *FORCED, *[f"--box={b}" for b in boxes],
+        "--lifter", "inflate", "--renderer", "gsplat" if k else "cpu", "--stage1-workers", str(max(1, k)), "--stage2-workers", str(max(1, k)),
+    ]  # fmt: skip
+    if k == 0:
+        argv += ["--device", "cpu", "--gif-frames", "6", "--inflate-gaussians", "2000"]
+    if args.engine == "ray" and k:
+        argv += ["--stage1-gpus", "1", "--stage2-gpus", "1"]
+    if args.stage1_python:
+        argv += ["--stage1-python", str(args.stage1_python)]
+    if args.sam3_bpe:
+        argv += ["--sam3-bpe", str(args.sam3_bpe)]
+    argv += args.extra
+    t0 = time.time()
+    with GpuSampler(gpus) as sampler:
+        proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.time() - t0
+    (args.work / f"batch-{args.engine}-{k}gpu.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode not in (0, 1):
+        raise SystemExit(f"{k} GPU(s): batch failed with exit code {proc.returncode}:\n{proc.stderr[-4000:]}")
+    batch = json.loads((out / "batch.json").read_text())
+    rows = batch["photos"]
+    done = [r for r in rows if r["status"] == "done"]
+    s1 = [
+        (out / r["run_dir"] / "masks" / "masks.json").stat().st_mtime
+        for r in rows
+        if (out / r["run_dir"] / "masks" / "masks.json").exists()
+    ]
+    s2 = [(out / r["run_dir"] / "report.html").stat().st_mtime for r in done if (out / r["run_dir"] / "report.html").exists()]
+    r1, r2 = span_rate(s1), span_rate(s2)
+    steady = 1 / (1 / r1 + 1 / r2) if r1 and r2 else None  # stage-major: a photo costs 1/r1 + 1/r2
+    objects = sum(r.get("objects") or 0 for r in rows)
+    return {
+        "gpus": k, "photos": len(rows), "done": len(done), "objects": objects, "wall_s": wall, "photos_per_s": len(done) / wall,
+        "stage1_photos_per_s": r1, "stage2_photos_per_s": r2, "steady_photos_per_s": steady, "gpu_busy": sampler.busy(),
+        "exit_code": proc.returncode, "errors": sorted({r["error"] for r in rows if r["error"]})[:3],
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--photos", type=int, default=32)
+    ap.add_argument("--gpus", default="1,2", help="GPU counts, comma-separated (0: a CPU smoke run)")
+    ap.add_argument("--size", default="1024x768", help="photo size WxH")
+    ap.add_argument("--engine", default="ray", choices=["ray", "local"])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/batch_scaling"))
+    ap.add_argument("--sam3-checkpoint", type=Path, default=None, help="default: random weights written to WORK/sam3-random.pt")
+    ap.add_argument("--stage1-python", type=Path, default=None, help="interpreter with sam3 for stage 1 (default: this one)")
+    ap.add_argument("--sam3-bpe", type=Path, default=None, help="SAM3's BPE vocab file, if sam3/open_clip do not carry it")
+    ap.add_argument("--write-random-sam3", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("extra", nargs="*", help="more batch flags, after --")
+    args = ap.parse_args(argv)
+    if args.write_random_sam3:
+        write_random_sam3(args.write_random_sam3, args.sam3_bpe)
+        return 0
+    args.work.mkdir(parents=True, exist_ok=True)
+    w, h = (int(v) for v in args.size.split("x"))
+    counts = [int(v) for v in args.gpus.split(",")]
+    t = time.time()
+    photos = args.work / f"photos-{w}x{h}"
+    make_photos(photos, args.photos, w, h)
+    photos_s = time.time() - t
+    boxes = demo_boxes(w, h)
+    checkpoint = args.sam3_checkpoint or args.work / "sam3-random.pt"
+    if not checkpoint.exists():
+        t = time.time()
+        py = str(args.stage1_python or sys.executable)
+        bpe = ["--sam3-bpe", str(args.sam3_bpe)] if args.sam3_bpe else []
+        subprocess.run([py, __file__, "--write-random-sam3", str(checkpoint), *bpe], cwd=ROOT, check=True)
+        print(f"random SAM3 checkpoint written in {time.time() - t:.0f} s", flush=True)
+    print(f"{args.photos} photos {w}x{h} made in {photos_s:.0f} s; boxes: {boxes}", flush=True)
+    results = []
+    for k in counts:
+        r = run_batch(args, k, photos, checkpoint, boxes)
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    gpu_name = ""
+    try:
+        gpu_name = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
+        ).stdout.splitlines()[0]
+    except (OSError, IndexError):
+        gpu_name = "no GPU"
+    import torch
+
+    head = (
+        f"Machine: {platform.node() or '?'}, {os.cpu_count()} CPUs, {gpu_name} x {torch.cuda.device_count()}, torch {torch.__version__}, "
+        f"Python {platform.python_version()}; {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC. "
+        f"Command: python bench/batch_scaling.py --photos {args.photos} --gpus {args.gpus} --size {args.size} --engine {args.engine}. "
+        "Stage 1: SAM3 random weights, 5 box prompts, masks forced; stage 2: inflate lifter, exports with gsplat turntables."
+    )
+
+    def f(v, fmt="{:.2f}"):
+        return "-" if v is None else fmt.format(v)
+
+    base = results[0]
+    lines = [
+        head,
+        "",
+        "| GPUs | photos done | objects | wall s | photos/s (wall) | stage 1 photos/s | stage 2 photos/s | steady photos/s | ratio (steady) | ratio (wall) | GPU busy |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        ratio_s = (
+            r["steady_photos_per_s"] / base["steady_photos_per_s"] if r["steady_photos_per_s"] and base["steady_photos_per_s"] else None
+        )
+        ratio_w = r["photos_per_s"] / base["photos_per_s"] if base["photos_per_s"] else None
+        lines.append(
+            f"| {r['gpus']} | {r['done']}/{r['photos']} | {r['objects']} | {r['wall_s']:.1f} | {f(r['photos_per_s'])} | {f(r['stage1_photos_per_s'])} | "
+            f"{f(r['stage2_photos_per_s'])} | {f(r['steady_photos_per_s'])} | {f(ratio_s, '{:.2f}x')} | {f(ratio_w, '{:.2f}x')} | "
+            f"{f(r['gpu_busy'], '{:.0%}')} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    (args.work / "batch_scaling.md").write_text(table + "\n")
+    (args.work / "batch_scaling.json").write_text(json.dumps({"head": head, "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -187,3 +187,31 @@ def test_scripts_run_each_stage_in_its_own_env(photos: Path, tmp_path: Path):
     assert not any("worker --stage stage2" in ln and not ln.startswith("sam3d-objects") for ln in lines)
     assert json.loads((root / "batch.json").read_text())["photos"][0]["status"] == "done"
     assert (root / run_rel_for("one.png") / "scene" / "scene.ply").is_file()
+
+
+@pytest.mark.parametrize("gpus", ["0", ""])
+def test_profile_auto_plans_with_vllm_only_where_gpus_are(photos: Path, tmp_path: Path, gpus: str):
+    """--profile auto decides the planner once, in the driver, from `vllm` on PATH and the GPUs the
+    engine sees (CUDA_VISIBLE_DEVICES / nvidia-smi, not torch); every worker gets that decision."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fake_vllm import make_launchable
+
+    exe, model = make_launchable(tmp_path)
+    replies = tmp_path / "replies.json"
+    replies.write_text(json.dumps([json.loads((ROOT / "tests/fixtures/vlm_responses/good_scene_think_block.json").read_text())["content"]]))
+    stats = tmp_path / "stats.jsonl"
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(photos / "scène.png", folder / "one.png")
+    root = tmp_path / "root"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": gpus, "FAKE_VLLM_STATS": str(stats), "FAKE_VLLM_REPLY_FILE": str(replies)}
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "batch", "--images", str(folder), "--out", str(root), "--stage", "1", "--profile", "auto",
+                           "--vllm-command", str(exe), "--vlm-model-id", str(model), "--segmenter", "classical", "--no-progress"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    starts = [json.loads(line) for line in stats.read_text().splitlines()] if stats.exists() else []
+    plan = json.loads((root / run_rel_for("one.png") / "stage1" / "plan.json").read_text())
+    if gpus:
+        assert sum(e["event"] == "start" for e in starts) == 1 and plan["planner"] != "none"
+    else:
+        assert starts == [] and plan["planner"] == "none"

@@ -283,17 +283,31 @@ class _Batch:
             log_dir=self.root / "logs",
         )
 
-    def _stage1(self, todo: list[int]) -> None:
-        from pipeline.selection import choose_backends
+    def _planner(self) -> str:
+        """'vlm' or 'none' for every stage 1 worker, decided once here. The rule of
+        pipeline.selection.choose_backends, except that GPUs are counted by the engine (nvidia-smi,
+        or Ray's resources) instead of torch: the driver's env may hold a CPU torch, or none."""
+        import shutil
 
         c = self.cfgs
-        choice = choose_backends(c.run, c.planner, c.server, c.segmenter, c.lifter)
+        if c.planner.planner != "auto":
+            return c.planner.planner
+        if c.planner.vlm_url:
+            return "vlm"
+        if c.run.profile in ("lite", "full"):
+            return "none" if c.run.profile == "lite" else "vlm"
+        return "vlm" if shutil.which(c.server.vllm_command) and self.engine.has_gpus() else "none"
+
+    def _stage1(self, todo: list[int]) -> None:
+        planner = self._planner()
+        # Workers get the decision as a flag, so none of them decides otherwise in its own env.
+        self.cfgs.planner.planner = planner  # type: ignore[assignment]
         n = self.engine.default_workers("stage1")
         env: dict[str, str] = {}
         concurrency = 1
-        if choice.planner == "vlm":
+        if planner == "vlm":
             concurrency = max(1, math.ceil(self.bcfg.vlm_concurrency / n))
-            if choice.start_vlm_server:
+            if not self.cfgs.planner.vlm_url:
                 self.vlm = self.engine.vlm(self.cfgs, self.root / "logs")
                 self.log("batch: starting one vLLM server for stage 1")
                 env = self.vlm.start()

@@ -162,6 +162,9 @@ class LocalEngine:
             self._gpus = visible_gpus(self.bcfg.worker_gpus)
         return self._gpus
 
+    def has_gpus(self) -> bool:
+        return bool(self.gpus())
+
     def default_workers(self, stage: str) -> int:
         n = self.bcfg.stage1_workers if stage == "stage1" else self.bcfg.stage2_workers
         return n if n > 0 else max(1, len(self.gpus()))

@@ -336,6 +336,9 @@ class RayEngine:
     def total_gpus(self) -> float:
         return float(_ray().cluster_resources().get("GPU", 0))
 
+    def has_gpus(self) -> bool:
+        return self.total_gpus() > 0
+
     def stage_gpus(self, stage: str) -> float:
         value = self.bcfg.stage1_gpus if stage == "stage1" else self.bcfg.stage2_gpus
         if value is not None:

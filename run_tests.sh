@@ -13,4 +13,5 @@ if ! command -v chromium >/dev/null 2>&1 && [ "${SAM3DGS_NO_APT:-0}" != 1 ] && c
   fi
 fi
 cd "$SAM3DGS_ROOT" || exit 2
-exec "$SAM3DGS_VENV/bin/python" -m pytest "${@:--q}"
+bash "$SAM3DGS_ROOT/envs/sam3-test-env.sh" --run-tests; sam3_rc=$?  # upstream SAM3 in its own env (.venv-sam3)
+"$SAM3DGS_VENV/bin/python" -m pytest "${@:--q}" && exit "$sam3_rc"

@@ -70,7 +70,9 @@ def parse_box_flags(values: list[str], width: int, height: int) -> list[PlanItem
         y0, y1 = max(0.0, min(y0, height)), max(0.0, min(y1, height))
         if x1 - x0 < 2 or y1 - y0 < 2:
             raise InputError(f"--box {raw!r} is empty or outside the {width}x{height} image.", "give x0 < x1 and y0 < y1 inside the image.")
-        label = ",".join(parts[4:]).strip() or "object"
+        # No label: an empty phrase, so SAM3 gets upstream's box-only text "visual" (not the concept
+        # "object"); the mask is still labelled "object" (pipeline/masks/sam3.py _prompts).
+        label = ",".join(parts[4:]).strip()
         items.append(PlanItem(phrase=label[:60], box_xyxy=(x0, y0, x1, y1)))
     return items
 
@@ -469,7 +471,7 @@ def _box_iou(a, b) -> float:
 def _from_user_box(m: ObjectMask, boxes: list[PlanItem]) -> bool:
     """Whether a mask answers one of the user's --box prompts: same label, and its tight box fills
     most of that prompt box (a refined mask is a little smaller than a loose box, hence 0.5)."""
-    return any(m.label == b.phrase and _box_iou(m.box_xyxy, b.box_xyxy) >= 0.5 for b in boxes)
+    return any((m.label == b.phrase or not b.phrase) and _box_iou(m.box_xyxy, b.box_xyxy) >= 0.5 for b in boxes)
 
 
 OBJECT_OUTPUTS = ("gaussians.pt", "mesh.glb", "object.ply", "object.splat", "turntable.gif")

@@ -29,7 +29,16 @@ def test_select_queries_keeps_best_passing_first_and_caps():
     keep, nonfinite = S.select_queries(scores, confidence=0.5, max_keep=2)
     assert keep == [1, 3] and nonfinite == 0
     keep, _ = S.select_queries(scores, confidence=0.5, max_keep=10)
-    assert keep == [1, 3, 2]  # 0.5 reaches the threshold ("at least"), 0.49 does not
+    assert keep == [1, 3]  # a score must exceed the threshold, as upstream's `out_probs > threshold`
+    keep, _ = S.select_queries(scores, confidence=0.45, max_keep=10)
+    assert keep == [1, 3, 2, 4]
+
+
+def test_select_queries_without_cap_keeps_every_passing_query_like_the_processor():
+    scores = np.linspace(0.0, 1.0, 200)  # queries 100..199 are above 0.5
+    keep, _ = S.select_queries(scores, confidence=0.5, max_keep=0)
+    assert keep == list(range(199, 99, -1))
+    assert SegmenterConfig().max_masks_per_phrase == 0  # the default keeps them all (F7)
 
 
 def test_select_queries_nan_and_inf_never_pass():
@@ -87,6 +96,45 @@ def test_dedup_threshold_is_inclusive_and_nan_scores_rank_last():
     assert S.dedup_by_iou(np.zeros((0, 0)), np.zeros(0), 0.8) == []
 
 
+def test_box_query_is_the_passing_instance_overlapping_the_prompt_box_not_the_top_score():
+    # Four instances of one concept pass; the best-scoring one (query 0) lies outside the box.
+    pred = np.array([[0.2, 0.2, 0.2, 0.2], [0.7, 0.7, 0.2, 0.2], [0.72, 0.7, 0.3, 0.3], [0.5, 0.5, 0.1, 0.1], [0.7, 0.7, 0.2, 0.2]])
+    scores = np.array([0.95, 0.80, 0.70, 0.60, 0.40])  # query 4 sits exactly in the box but does not pass
+    q, iou, nonfinite = S.select_box_query(scores, pred, (0.7, 0.7, 0.2, 0.2), confidence=0.5, min_iou=0.3)
+    assert q == 1 and iou == pytest.approx(1.0) and nonfinite == 0
+    # Equal overlap: the higher score wins.
+    q, _, _ = S.select_box_query(np.array([0.6, 0.9]), pred[[1, 1]], (0.7, 0.7, 0.2, 0.2), confidence=0.5, min_iou=0.3)
+    assert q == 1
+    # The concept is found, but nothing in the box: a miss, never the top-scoring instance elsewhere.
+    q, iou, _ = S.select_box_query(scores, pred, (0.2, 0.8, 0.1, 0.1), confidence=0.5, min_iou=0.3)
+    assert q is None and iou < 0.3
+    q, _, nonfinite = S.select_box_query(np.array([np.nan, 0.2]), pred[:2], (0.7, 0.7, 0.2, 0.2), confidence=0.5, min_iou=0.3)
+    assert q is None and nonfinite == 1
+    q, _, _ = S.select_box_query(np.array([np.nan, 0.2]), pred[:2], (0.7, 0.7, 0.2, 0.2), confidence=0.5, min_iou=0.3, min_keep=1)
+    assert q == 1  # the random-weights knob lets finite queries below the threshold compete
+
+
+def test_box_iou_cxcywh_known_values():
+    boxes = np.array([[0.5, 0.5, 0.2, 0.2], [0.6, 0.5, 0.2, 0.2], [0.9, 0.9, 0.1, 0.1], [0.5, 0.5, 0.0, 0.0]])
+    assert S.box_iou_cxcywh(boxes, (0.5, 0.5, 0.2, 0.2)) == pytest.approx([1.0, 1 / 3, 0.0, 0.0])
+
+
+def test_dedup_masks_drops_a_part_beside_its_whole_within_a_phrase_only():
+    whole = _square(40, 40, 0, 0, 30, 30)  # area 900
+    part = _square(40, 40, 5, 5, 15, 15)  # area 100, inside: IoU 0.11, intersection over the smaller 1.0
+    masks = np.stack([whole, part]).reshape(2, -1).astype(np.float64)
+    inter = masks @ masks.T
+    kept, dropped = S.dedup_masks(inter, np.array([0.9, 0.8]), [0, 0], iou_threshold=0.8, iom_threshold=0.3)
+    assert kept == [0] and dropped == {1: "iom"}  # upstream agent: IoM > 0.3 within a phrase
+    kept, dropped = S.dedup_masks(inter, np.array([0.9, 0.8]), [0, 1], iou_threshold=0.8, iom_threshold=0.3)
+    assert kept == [0, 1] and dropped == {}  # "laptop" and "laptop screen" are both asked for
+    # Exactly 0.3 is kept (upstream drops only "> iom_thresh"); the better score stays either way.
+    a, b = _square(40, 40, 0, 0, 10, 10), _square(40, 40, 7, 0, 17, 10)  # overlap 30 of 100
+    flat = np.stack([a, b]).reshape(2, -1).astype(np.float64)
+    assert S.dedup_masks(flat @ flat.T, np.array([0.5, 0.6]), [0, 0], 0.8, 0.3)[0] == [0, 1]
+    assert S.dedup_masks(flat @ flat.T, np.array([0.5, 0.6]), [0, 0], 0.8, 0.29)[0] == [1]
+
+
 def test_iou_from_intersections_matches_the_mask_formula():
     rng = np.random.default_rng(1)
     masks = rng.random((5, 16, 16)) > 0.6
@@ -105,6 +153,15 @@ def test_box_prompt_is_normalized_cxcywh_and_clamped():
     assert S.box_xyxy_to_cxcywh_normalized((-50, 0, 200, 200), 400, 200) == pytest.approx((0.25, 0.5, 0.5, 1.0))
     assert S.box_xyxy_to_cxcywh_normalized((500, 0, 600, 100), 400, 200) is None
     assert S.box_xyxy_to_cxcywh_normalized((10, 10, 10, 50), 400, 200) is None
+
+
+def test_unlabelled_box_flag_sends_visual_to_sam3_and_keeps_object_as_the_label():
+    from pipeline.stages import parse_box_flags
+
+    items = parse_box_flags(["10,10,60,60", "0,0,40,40,red mug"], 100, 100)
+    phrases, boxes, _ = S._prompts(items, 100, 100)
+    assert phrases == ["visual", "red mug"]  # upstream's box-only text, not the concept "object"
+    assert all(b is not None for b in boxes)
 
 
 def test_prompts_use_visual_text_for_box_only_items_and_warn_on_empty_boxes():
@@ -224,6 +281,26 @@ def test_load_checkpoint_into_maps_detector_keys_and_rejects_foreign_files(tmp_p
     torch.save({"encoder.weight": torch.zeros(2)}, foreign)
     with pytest.raises(BackendError, match="0 of 4"):
         S.load_checkpoint_into(model, foreign)
+
+    partial = tmp_path / "partial.pt"  # 2 of 4 keys: the old 50 % rule loaded it with a warning
+    torch.save({f"detector.{k}": v for k, v in source.state_dict().items() if k.startswith("0.")}, partial)
+    with pytest.raises(BackendError, match="2 of 4.*missing e.g. 1.weight"):
+        S.load_checkpoint_into(model, partial)
+
+    mis_sized = tmp_path / "mis_sized.pt"  # was an uncaught RuntimeError from load_state_dict
+    torch.save({f"detector.{k}": v for k, v in source.state_dict().items()} | {"detector.1.bias": torch.zeros(3)}, mis_sized)
+    with pytest.raises(BackendError, match=r"1.bias: \(3,\) in the file, \(2,\) in the model"):
+        S.load_checkpoint_into(model, mis_sized)
+
+    for name, obj in {
+        "ddp": {"model": {f"module.detector.{k}": v for k, v in source.state_dict().items()}},
+        "no_prefix": dict(source.state_dict()),
+    }.items():  # layouts of upstream's training code (DDP) and of a saved image model: upstream #606
+        torch.nn.init.zeros_(model[1].weight)
+        path = tmp_path / f"{name}.pt"
+        torch.save(obj, path)
+        assert S.load_checkpoint_into(model, path)["loaded"] == 4, name
+        assert torch.equal(model[1].weight, source[1].weight), name
 
     pickled = tmp_path / "pickle.pt"
     torch.save({"detector.0.weight": object()}, pickled)  # not loadable with weights_only=True

@@ -1,6 +1,8 @@
 """SAM3 with the real package and RANDOM weights (load_from_HF=False) on a CUDA GPU: the full path
-photo -> Sam3Segmenter.segment -> masks/ files, and batched grounding == one phrase at a time
-through Sam3Processor. Skipped where there is no CUDA GPU or no sam3 (run: pytest -m gpu)."""
+photo -> Sam3Segmenter.segment -> masks/ files, batched grounding == one phrase at a time through
+Sam3Processor, the box-prompt choice, strict checkpoint loading, and the forced-mask path on a
+4000x3000 photo (bits packed on the GPU == upsampled bools). Skipped where there is no CUDA GPU or
+no sam3 (run: pytest -m gpu). The same checks run on the CPU in tests/test_sam3_upstream.py."""
 
 from __future__ import annotations
 
@@ -14,8 +16,10 @@ pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
 pytest.importorskip("sam3.model_builder", reason="needs the sam3 package (the 'sam3' env)")
 
+import sam3_checks as C  # noqa: E402
+
 from pipeline.core.config import SegmenterConfig  # noqa: E402
-from pipeline.core.types import Plan, PlanItem  # noqa: E402
+from pipeline.core.types import Plan, PlanItem, mask_box_xyxy  # noqa: E402
 from pipeline.masks import sam3 as S  # noqa: E402
 
 PHRASES = ["red mug", "wooden table", "laptop", "potted plant", "blue book", "glass bottle"]
@@ -106,7 +110,7 @@ def test_batched_grounding_matches_set_text_prompt_one_phrase_at_a_time(seg):
     torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32, so batch shape does not change rounding
     try:
         state = seg.encode_image(image)
-        batched = seg.ground_phrases(state, phrases, boxes, lambda i, s: [int(q) for q in np.argsort(-s)[:3]])
+        batched = seg.ground_phrases(state, phrases, boxes, lambda i, s, b: [int(q) for q in np.argsort(-s)[:3]])
         proc = Sam3Processor(seg.model, device=seg.device, confidence_threshold=0.0)
         worst_score, worst_logit = 0.0, 0.0
         for i, phrase in enumerate(phrases):
@@ -148,3 +152,74 @@ def test_large_photo_4000x3000_bf16_bounded_memory(seg):
     print(f"4000x3000, 12 phrases, bf16: {len(masks)} masks, peak +{peak_gib:.1f} GiB, report {json.dumps(seg.last_report)}")
     assert masks and all(m.mask.shape == (3000, 4000) for m in masks)
     assert peak_gib < 30
+
+
+def test_box_prompt_keeps_the_instance_in_the_box_not_the_top_score(seg):
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # ours and the processor's path round alike
+    try:
+        got = C.check_box_prompt_keeps_the_instance_in_the_box(seg, C.photo(480, 640, seed=3))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    print("box choice:", got)
+
+
+def test_batched_path_equals_the_processor_per_phrase_exactly_in_fp32(seg):
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        items = [
+            PlanItem("red mug"),
+            PlanItem("laptop"),
+            PlanItem("bowl", (40.0, 50.0, 300.0, 260.0)),
+            PlanItem("", (200.0, 100.0, 500.0, 400.0)),
+        ]
+        got = C.check_batched_equals_processor(seg, C.photo(360, 480, seed=4), items, score_tol=1e-5, max_differing_fraction=1e-4)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    print("batched vs processor:", got)
+
+
+def test_strict_checkpoint_loading_and_stats_in_the_report(seg, tmp_path, caplog):
+    saved = {k: v.clone() for k, v in seg.model.state_dict().items()}
+    try:
+        stats = C.check_strict_loading(seg.model, tmp_path, caplog)
+    finally:
+        C.restore(seg.model, saved)
+    print("load stats:", json.dumps(stats["official"]))
+    # Through the segmenter: the stats of the file it loaded end up in its report (masks.json meta).
+    path = tmp_path / "sam3.pt"
+    torch.save({"model": {f"detector.{k}": v for k, v in C.constant_state(seg.model).items()} | {"tracker.x": torch.zeros(1)}}, path)
+    other = S.Sam3Segmenter(SegmenterConfig(sam3_checkpoint=path, dtype="float32"), device="cuda", load_from_hf=False)
+    other.load()
+    other.segment(C.photo(120, 160), Plan(items=[PlanItem("cup")]))
+    report = other.last_report
+    assert report["weights"] == f"checkpoint {path}" and report["checkpoint"]["loaded"] == len(saved)
+    assert report["checkpoint"]["ignored_tracker"] == 1 and report["checkpoint"]["layout"] == "detector.*"
+    del other
+    torch.cuda.empty_cache()
+
+
+def test_forced_masks_4000x3000_bits_from_the_gpu_equal_the_upsampled_masks(seg):
+    """12 phrases, every query passing (confidence 0), 12 masks kept: what the bench times as
+    'masks kept'. The bits packed on the GPU and unpacked on the host equal a plain upsample."""
+    image = C.photo(3000, 4000, seed=2)
+    plan = Plan(items=[PlanItem(p) for p in (PHRASES * 2)[:12]])
+    old = (seg.cfg.confidence, seg.cfg.max_masks_per_phrase, seg.cfg.dedup_iou, seg.cfg.dedup_iom, seg.cfg.dtype)
+    seg.cfg.confidence, seg.cfg.max_masks_per_phrase, seg.cfg.dedup_iou, seg.cfg.dedup_iom, seg.cfg.dtype = 0.0, 1, 1.01, 1.01, "bfloat16"
+    try:
+        masks = seg.segment(image, plan)
+        report = seg.last_report
+        print(f"forced masks: {len(masks)} kept, report {json.dumps(report)}")
+        assert report["candidates"] == 12 and len(masks) == 12 - report["empty_masks"] and len(masks) >= 10
+        assert all(m.mask.shape == (3000, 4000) and m.mask.dtype == bool for m in masks)
+        assert all(m.box_xyxy == mask_box_xyxy(m.mask) for m in masks)  # boxes from the GPU's row/column occupancy
+    finally:
+        seg.cfg.confidence, seg.cfg.max_masks_per_phrase, seg.cfg.dedup_iou, seg.cfg.dedup_iom, seg.cfg.dtype = old
+    logits = torch.randn(5, 288, 288, device="cuda")
+    for h, w in ((3000, 4000), (101, 203), (7, 5)):  # H*W a multiple of 8, and not
+        packed, boxes = seg.upsample_masks_and_boxes(logits, h, w)
+        plain = (torch.nn.functional.interpolate(logits[:, None], (h, w), mode="bilinear", align_corners=False)[:, 0] > 0).cpu().numpy()
+        assert len(packed) == 5 and all(np.array_equal(a, b) for a, b in zip(packed, plain, strict=True)), (h, w)
+        assert boxes == [mask_box_xyxy(m) if m.any() else None for m in plain], (h, w)
+    assert seg.upsample_masks_and_boxes(torch.full((1, 288, 288), -5.0, device="cuda"), 30, 40)[1] == [None]  # empty

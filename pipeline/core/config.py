@@ -90,11 +90,13 @@ class VLMServerConfig:
 class SegmenterConfig:
     """Stage 1b: text or box prompts -> one mask per object."""
 
-    segmenter: Literal["auto", "sam3", "classical"] = opt("auto", "sam3: SAM3 on GPU; classical: built-in, no model.")
+    segmenter: Literal["auto", "sam3", "classical"] = opt("auto", "sam3: SAM3 (a CUDA GPU, or the CPU with --device cpu, slowly); classical: built-in, no model.")
     box: list[str] = opt([], "A box prompt 'x0,y0,x1,y1[,label]' in pixels (repeatable).", action="append")
-    confidence: float = opt(0.5, "Keep masks whose score is at least this.")
+    confidence: float = opt(0.5, "SAM3: keep masks whose score is above this (as upstream's processor).")
     dedup_iou: float = opt(0.8, "Masks overlapping an earlier one by this IoU or more are dropped as duplicates.")
-    max_masks_per_phrase: int = opt(3, "SAM3: keep at most this many instances per phrase (a phrase with a box keeps one).")
+    dedup_iom: float = opt(0.3, "SAM3: within one phrase, a mask whose overlap covers more than this fraction of the smaller of it and a better-scoring mask is dropped (a part beside its whole; upstream agent's rule). 1 turns it off.")
+    max_masks_per_phrase: int = opt(0, "SAM3: keep at most this many instances of a phrase without a box; 0 keeps every instance above --confidence, as upstream's processor (a phrase with a box keeps one).")
+    box_min_iou: float = opt(0.3, "SAM3: for a phrase with a box, the kept instance is the one whose predicted box overlaps the prompt box most; below this box IoU the phrase gets no mask (reported as a box miss).")
     sam3_phrase_batch: int = opt(32, "SAM3: phrases grounded together on the encoded image (halved automatically if the GPU runs out of memory).")
     sam3_checkpoint: Path | None = opt(None, "Local SAM3 checkpoint (default: download facebook/sam3 with HF_TOKEN).")
     sam3_bpe: Path | None = opt(None, "CLIP BPE vocab bpe_simple_vocab_16e6.txt.gz (default: found in sam3 or open_clip).")

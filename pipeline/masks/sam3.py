@@ -1,4 +1,5 @@
-"""Segmenter `sam3`: SAM3 (PyPI `sam3` 0.1.4, facebookresearch/sam3) in the `sam3` env, on a CUDA GPU.
+"""Segmenter `sam3`: SAM3 (facebookresearch/sam3 at the pinned commit, or PyPI `sam3==0.1.4`, which
+has the same model code) in the `sam3` env, on a CUDA GPU or (slowly) on the CPU.
 
 How it differs from the reference system, which calls `set_image` + `set_text_prompt` per phrase:
 - The model is built once per process (`load()`, or lazily on the first `segment`).
@@ -10,19 +11,28 @@ How it differs from the reference system, which calls `set_image` + `set_text_pr
 - Order, because grounding is CPU-launch-bound (about 60 ms fixed per batch on an H100): text
   first, then the backbone is queued and the grounding kernels are queued while the GPU still
   runs it; nothing waits for the GPU until the scores are read (docs/PERFORMANCE.md).
-- A plan item's box becomes a positive box prompt for its phrase (the same geometric prompt that
-  `Sam3Processor.add_geometric_prompt` builds); phrases with and without boxes are batched apart,
-  so no query needs padded prompts.
-- Scores as in `Sam3Processor._forward_grounding`: sigmoid(logit) x sigmoid(presence logit).
-  NaN or infinite scores never pass the threshold (they are counted in `last_report`).
-- One object = one mask: per phrase the best masks whose score reaches `confidence` (at most
-  `max_masks_per_phrase`, and one for a phrase with a box), then masks that overlap a
-  higher-scoring one by mask IoU >= `dedup_iou` are dropped, across phrases.
+- A plan item's box becomes a positive box prompt for its phrase (the geometric prompt that
+  `Sam3Processor.add_geometric_prompt` builds). SAM3 reads a box as an EXEMPLAR of the concept and
+  returns every instance (up: sam3/model/sam3_image_processor.py:128-152, 183-222), so the object
+  kept for a boxed phrase is the passing query whose predicted box overlaps the prompt box most
+  (ties by score); below `box_min_iou` the phrase is a miss (`last_report['box_misses']`).
+  A box without a phrase is sent with upstream's box-only text "visual" (:137-142).
+- Scores as in `Sam3Processor._forward_grounding`: sigmoid(logit) x sigmoid(presence logit), and a
+  query passes when its score is > `confidence` (up: sam3_image_processor.py:194-198). NaN or
+  infinite scores never pass (they are counted in `last_report`).
+- One object = one mask: per text-only phrase every passing query (at most
+  `max_masks_per_phrase` when that is > 0), one per boxed phrase; then, best score first, a mask
+  is dropped when it overlaps a kept one by mask IoU >= `dedup_iou` (any phrase), or, within one
+  phrase, by intersection over the smaller mask > `dedup_iom` (upstream's agent rule,
+  sam3/agent/helpers/mask_overlap_removal.py:71-116, applied per phrase in agent/client_sam3.py:85).
 - Masks are upsampled from the model's 288x288 logits to the photo's size only for the objects
-  that are kept, a few at a time, so 4000x3000 photos stay within a small memory budget.
+  that are kept, thresholded and packed to bits on the GPU, and only the bits are copied to the
+  host (a 4000x3000 mask is 1.5 MB of bits instead of 12 MB of bools).
+- On the CPU (`--device cpu`), upstream's three hard-coded CUDA spots are mapped to the CPU while
+  it runs, without touching its files: see `upstream_on_cpu`.
 
 The selection and duplicate-removal rules are pure numpy functions (`select_queries`,
-`mask_iou_matrix`, `dedup_by_iou`) so they are tested without a GPU.
+`select_box_query`, `dedup_masks`, ...) so they are tested without a model.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ import importlib.util
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +52,7 @@ from pipeline.core.config import SegmenterConfig
 from pipeline.core.device import autocast_context, pick_device
 from pipeline.core.errors import BackendError, InputError, MissingDependencyError, missing_dependency
 from pipeline.core.hub import hf_token, hub_error
-from pipeline.core.types import ObjectMask, Plan, PlanItem, require_rgb_image
+from pipeline.core.types import ObjectMask, Plan, PlanItem, mask_box_xyxy, require_rgb_image
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +61,20 @@ SAM3_HF_REPO = "facebook/sam3"
 SAM3_HF_CHECKPOINT = "sam3.pt"
 SAM3_HF_CONFIG = "config.json"
 SAM3_RESOLUTION = 1008  # the image side the model was trained at (Sam3Processor's default)
-SAM3_INSTALL = "bash envs/setup.sh sam3   (or, inside that env: pip install sam3==0.1.4 open_clip_torch)"
+SAM3_INSTALL = "bash envs/setup.sh sam3   (or, inside that env: pip install sam3==0.1.4 einops psutil pycocotools open_clip_torch)"
+# pip names of modules the pinned sam3 imports where they differ from the module (decord: x86-64 wheels only).
+SAM3_PIP_NAMES = {
+    "cv2": "opencv-python-headless",
+    "decord": "decord==0.6.0",
+    "PIL": "pillow",
+    "yaml": "pyyaml",
+    "sklearn": "scikit-learn",
+    "skimage": "scikit-image",
+}
 BOX_ONLY_TEXT = "visual"  # the text Sam3Processor uses when a prompt has a box and no phrase
 IOU_MAX_SIDE = 1024  # masks are compared at most this large: enough for IoU, cheap on 12 MP photos
 UPSAMPLE_BATCH = 8  # masks upsampled to the photo's size at once (8 x 4000x3000 fp32 = 384 MB)
+UNPACK_THREADS = 8  # host threads unpacking mask bits
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,22 +83,66 @@ UPSAMPLE_BATCH = 8  # masks upsampled to the photo's size at once (8 x 4000x3000
 
 
 def select_queries(scores: np.ndarray, confidence: float, max_keep: int, min_keep: int = 0) -> tuple[list[int], int]:
-    """Which of one phrase's query slots to keep, best first.
+    """Which of one text-only phrase's query slots to keep, best first.
 
     scores: (Q,) float, sigmoid(logit) x presence. A slot passes when its score is finite and
-    >= confidence; at most `max_keep` pass. `min_keep` (a test knob for random weights) then
-    tops up with the best finite scores below the threshold. Returns (indices, non-finite count).
+    > confidence (up: sam3/model/sam3_image_processor.py:198, `out_probs > threshold`); at most
+    `max_keep` pass when max_keep > 0 (0: no cap). `min_keep` (a test knob for random weights)
+    then tops up with the best finite scores below the threshold. Returns (indices, non-finite count).
     """
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     finite = np.isfinite(scores)
     nonfinite = int((~finite).sum())
     ranked = np.where(finite, scores, -np.inf)
     order = [int(i) for i in np.argsort(-ranked, kind="stable") if finite[i]]
-    passing = [i for i in order if scores[i] >= confidence][: max(0, max_keep)]
+    passing = [i for i in order if scores[i] > confidence]
+    if max_keep > 0:
+        passing = passing[:max_keep]
     if len(passing) < min_keep:
         extra = [i for i in order if i not in set(passing)]
         passing += extra[: min_keep - len(passing)]
     return passing, nonfinite
+
+
+def box_iou_cxcywh(boxes: np.ndarray, box: Sequence[float]) -> np.ndarray:
+    """(Q, 4) boxes and one box, all (cx, cy, w, h) in the same frame -> (Q,) IoU (0 for empty ones)."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    cx, cy, w, h = (float(v) for v in box)
+    x0, y0, x1, y1 = cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
+    bx0, by0 = boxes[:, 0] - boxes[:, 2] / 2, boxes[:, 1] - boxes[:, 3] / 2
+    bx1, by1 = boxes[:, 0] + boxes[:, 2] / 2, boxes[:, 1] + boxes[:, 3] / 2
+    iw = np.clip(np.minimum(bx1, x1) - np.maximum(bx0, x0), 0, None)
+    ih = np.clip(np.minimum(by1, y1) - np.maximum(by0, y0), 0, None)
+    inter = iw * ih
+    union = np.clip(boxes[:, 2], 0, None) * np.clip(boxes[:, 3], 0, None) + max(w, 0.0) * max(h, 0.0) - inter
+    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    return np.where(np.isfinite(iou), iou, 0.0)
+
+
+def select_box_query(
+    scores: np.ndarray, pred_boxes: np.ndarray, prompt_box: Sequence[float], confidence: float, min_iou: float, min_keep: int = 0
+) -> tuple[int | None, float, int]:
+    """The query that is "the object in this box" for a phrase prompted with a box.
+
+    SAM3 treats the box as an exemplar and every instance of the concept scores alike (up:
+    sam3/model/sam3_image_processor.py:128-152 returns all of them), so the best-scoring query is
+    often another instance. Among queries whose score is finite and > confidence, take the one whose
+    predicted box (pred_boxes (Q, 4), normalized cxcywh like `prompt_box`) overlaps the prompt box
+    most, ties by score. `min_keep` > 0 (test knob) lets every finite query compete when none passes.
+    Returns (query or None, its box IoU, non-finite count); None when nothing passes or the best IoU
+    is below `min_iou` (a miss: the concept was found, but not in the box)."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    finite = np.isfinite(scores)
+    nonfinite = int((~finite).sum())
+    candidates = np.flatnonzero(finite & (scores > confidence))
+    if candidates.size == 0 and min_keep > 0:
+        candidates = np.flatnonzero(finite)
+    if candidates.size == 0:
+        return None, 0.0, nonfinite
+    iou = box_iou_cxcywh(np.asarray(pred_boxes)[candidates], prompt_box)
+    best = int(np.lexsort((-scores[candidates], -iou))[0])  # highest IoU, then highest score
+    query, best_iou = int(candidates[best]), float(iou[best])
+    return (query if best_iou >= min_iou else None), best_iou, nonfinite
 
 
 def mask_iou_matrix(masks: np.ndarray) -> np.ndarray:
@@ -102,13 +167,48 @@ def dedup_by_iou(iou: np.ndarray, scores: np.ndarray, iou_threshold: float) -> l
     """Greedy duplicate removal: visit masks by score (best first; non-finite scores last) and keep
     one unless it overlaps an already kept mask by IoU >= iou_threshold. Returns kept indices,
     ascending (so callers keep their own order)."""
+    inter = np.asarray(iou, dtype=np.float64)
+    return dedup_masks(inter, scores, np.zeros(len(inter), int), iou_threshold, np.inf, counts_are_iou=True)[0]
+
+
+def dedup_masks(
+    inter: np.ndarray,
+    scores: np.ndarray,
+    groups: Sequence[int],
+    iou_threshold: float,
+    iom_threshold: float,
+    *,
+    counts_are_iou: bool = False,
+) -> tuple[list[int], dict[int, str]]:
+    """Greedy duplicate removal over K masks, best score first (non-finite scores last).
+
+    inter: (K, K) pixel counts |a & b| (diagonal = areas). A mask is dropped when it overlaps an
+    already kept mask by IoU >= iou_threshold (any group), or one of its own group (phrase) by
+    intersection over the smaller area > iom_threshold: upstream's agent rule against a part kept
+    beside its whole (up: sam3/agent/helpers/mask_overlap_removal.py:30-37, 71-116, `iom > 0.3`).
+    Returns (kept indices ascending, {dropped index: 'iou' or 'iom'})."""
+    inter = np.asarray(inter, dtype=np.float64)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    k = len(scores)
+    if counts_are_iou:
+        iou, iom = inter, np.zeros_like(inter)
+    else:
+        iou = iou_from_intersections(inter)
+        area = np.diag(inter)
+        smaller = np.minimum(area[:, None], area[None, :])
+        iom = np.divide(inter, smaller, out=np.zeros_like(inter), where=smaller > 0)
     ranked = np.where(np.isfinite(scores), scores, -np.inf)
     kept: list[int] = []
-    for i in np.argsort(-ranked, kind="stable"):
-        if all(iou[i, j] < iou_threshold for j in kept):
-            kept.append(int(i))
-    return sorted(kept)
+    dropped: dict[int, str] = {}
+    for i in (int(v) for v in np.argsort(-ranked, kind="stable")):
+        if any(iou[i, j] >= iou_threshold for j in kept):
+            dropped[i] = "iou"
+        elif any(groups[i] == groups[j] and iom[i, j] > iom_threshold for j in kept):
+            dropped[i] = "iom"
+        else:
+            kept.append(i)
+    assert len(kept) + len(dropped) == k
+    return sorted(kept), dropped
 
 
 def box_xyxy_to_cxcywh_normalized(box: Sequence[float], width: int, height: int) -> tuple[float, float, float, float] | None:
@@ -190,20 +290,31 @@ def download_sam3_checkpoint(repo_id: str = SAM3_HF_REPO, *, cache_dir: Path | N
     except Exception as exc:  # mapped to one clear line; anything else is re-raised
         from huggingface_hub import errors as hf_errors
 
-        if isinstance(exc, getattr(hf_errors, "EntryNotFoundError", ())) and not isinstance(exc, getattr(hf_errors, "LocalEntryNotFoundError", ())):
-            raise BackendError(f"{repo_id} has no {SAM3_HF_CHECKPOINT}.", "pass --sam3-checkpoint PATH to a SAM3 image checkpoint.") from None
+        if isinstance(exc, getattr(hf_errors, "EntryNotFoundError", ())) and not isinstance(
+            exc, getattr(hf_errors, "LocalEntryNotFoundError", ())
+        ):
+            raise BackendError(
+                f"{repo_id} has no {SAM3_HF_CHECKPOINT}.", "pass --sam3-checkpoint PATH to a SAM3 image checkpoint."
+            ) from None
         mapped = hub_error(exc, repo_id, alternative="download sam3.pt yourself and pass --sam3-checkpoint PATH")
         if mapped is not None:
             raise mapped from None
         raise
 
 
-def load_checkpoint_into(model: Any, path: Path) -> dict[str, int]:
-    """Load a SAM3 checkpoint (`torch.load(weights_only=True)`) into the image model.
+def load_checkpoint_into(model: Any, path: Path) -> dict[str, Any]:
+    """Load a SAM3 checkpoint (`torch.load(weights_only=True)`) into the image model, strictly.
 
-    Keys follow upstream's file: the image model's weights carry a `detector.` prefix (tracker
-    weights are ignored, the image model has no tracker). Nothing matching, or most weights
-    missing, is an error; a few missing keys are logged."""
+    Layouts: upstream's sam3.pt (image-model keys under `detector.`, tracker keys under `tracker.`,
+    up: sam3/model_builder.py:523-545), the same inside `{"model": ...}` (upstream's training
+    checkpoints), with a leading `module.` (DDP), or image-model keys without any prefix (a file
+    saved from the image model itself; upstream's own loader finds nothing in the last two,
+    upstream issue #606). Every image-model key must be in the file with its shape (upstream loads
+    with strict=False and only prints what is missing; the official sam3.pt holds every key, its
+    video builder loads it with strict=True, model_builder.py:655, 778-780). Anything else is a
+    one-line BackendError. Ignored: `tracker.*` (the image model has no tracker) and
+    `sam2_convs.*` (the video detector's extra neck, model_builder.py:499-510); other unexpected
+    keys are logged. Returns the load stats (they go into the segmenter's report)."""
     import torch
 
     try:
@@ -214,20 +325,54 @@ def load_checkpoint_into(model: Any, path: Path) -> dict[str, int]:
         ) from None
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
         ckpt = ckpt["model"]
-    if not isinstance(ckpt, dict):
+    if not isinstance(ckpt, dict) or not all(isinstance(k, str) for k in ckpt):
         raise BackendError(f"{path} is not a state dict.", "pass facebook/sam3's sam3.pt with --sam3-checkpoint.")
-    state = {k.replace("detector.", "", 1): v for k, v in ckpt.items() if "detector" in k}
-    expected = set(model.state_dict().keys())
-    matched = expected & set(state)
-    if not matched or len(matched) < 0.5 * len(expected):
-        raise BackendError(
-            f"{path} does not hold SAM3 image-model weights ({len(matched)} of {len(expected)} expected keys found).",
-            "pass facebook/sam3's sam3.pt with --sam3-checkpoint.",
-        )
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    ckpt = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in ckpt.items()}
+    if any(k.startswith("detector.") for k in ckpt):
+        layout = "detector.*"
+        state = {k[len("detector.") :]: v for k, v in ckpt.items() if k.startswith("detector.")}
+        other = [k for k in ckpt if not k.startswith("detector.")]
+    else:
+        layout = "image-model keys"
+        state, other = dict(ckpt), []
+    tracker = [k for k in other if k.startswith("tracker.")]
+    other = [k for k in other if not k.startswith("tracker.")]
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
     if missing:
-        log.warning("SAM3 checkpoint %s: %d model keys not in the file (e.g. %s)", path, len(missing), list(missing)[:3])
-    return {"loaded": len(matched), "missing": len(missing), "unexpected": len(unexpected)}
+        raise BackendError(
+            f"{path} holds {len(expected) - len(missing)} of {len(expected)} SAM3 image-model weights (missing e.g. {', '.join(missing[:3])}).",
+            "pass facebook/sam3's complete sam3.pt with --sam3-checkpoint (or leave it out to download it with HF_TOKEN).",
+        )
+    mismatched = [k for k, v in expected.items() if not isinstance(state[k], torch.Tensor) or tuple(state[k].shape) != tuple(v.shape)]
+    if mismatched:
+        k = mismatched[0]
+        got = tuple(state[k].shape) if isinstance(state[k], torch.Tensor) else type(state[k]).__name__
+        raise BackendError(
+            f"{path} does not fit the SAM3 image model: {len(mismatched)} weights have another shape (e.g. {k}: {got} in the file, {tuple(expected[k].shape)} in the model).",
+            "pass a checkpoint of this SAM3 architecture (facebook/sam3's sam3.pt) with --sam3-checkpoint.",
+        )
+    unexpected = [k for k in state if k not in expected]
+    sam2_convs = [k for k in unexpected if ".sam2_convs." in f".{k}"]
+    unexpected = [k for k in unexpected if k not in set(sam2_convs)] + other
+    if unexpected:
+        log.warning("SAM3 checkpoint %s: %d keys the image model does not use (e.g. %s)", path, len(unexpected), unexpected[:3])
+    try:
+        model.load_state_dict({k: state[k] for k in expected}, strict=True)
+    except RuntimeError as exc:  # e.g. a dtype that cannot be copied
+        raise BackendError(
+            f"could not load {path} into SAM3: {exc}".splitlines()[0], "pass facebook/sam3's sam3.pt with --sam3-checkpoint."
+        ) from None
+    return {
+        "path": str(path),
+        "layout": layout,
+        "loaded": len(expected),
+        "missing": 0,
+        "ignored_tracker": len(tracker),
+        "ignored_sam2_convs": len(sam2_convs),
+        "unexpected": len(unexpected),
+        "unexpected_examples": unexpected[:5],
+    }
 
 
 def make_random_weights_finite(model: Any) -> list[str]:
@@ -248,6 +393,35 @@ def make_random_weights_finite(model: Any) -> list[str]:
     return fixed
 
 
+def upstream_on_cpu(device: str = "cpu") -> Any:
+    """A context in which upstream SAM3 builds and runs on a non-CUDA device, its files untouched.
+
+    Upstream hard-codes CUDA in three places that a CPU run reaches:
+    - sam3/model/position_encoding.py:47  `torch.zeros(..., device="cuda")` (built at construction),
+    - sam3/model/decoder.py:281          `self._get_coords(..., device="cuda")` -> torch.arange
+                                          (coordinate cache built at construction),
+    - sam3/model/geometry_encoders.py:659 `scale.pin_memory()` (every box prompt; pinning needs CUDA).
+    A torch function mode catches them where they happen: a factory call asking for a CUDA device
+    gets `device` instead, and pin_memory returns the tensor itself. Only factory calls that name
+    a CUDA device change, so nothing else in the model sees the mode."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    target = torch.device(device)
+
+    class _UpstreamOnCpu(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.Tensor.pin_memory:
+                return args[0]
+            dev = kwargs.get("device")
+            if dev is not None and not isinstance(dev, int) and torch.device(dev).type == "cuda":
+                kwargs = {**kwargs, "device": target}
+            return func(*args, **kwargs)
+
+    return _UpstreamOnCpu()
+
+
 # --------------------------------------------------------------------------------------------
 # The segmenter.
 # --------------------------------------------------------------------------------------------
@@ -260,7 +434,7 @@ class _Candidate:
     phrase_index: int
     query: int
     score: float
-    mask_logits: Any  # torch (288, 288) float32 on the GPU
+    mask_logits: Any  # torch (288, 288) float32 on the model's device
 
 
 class Sam3Segmenter:
@@ -277,8 +451,9 @@ class Sam3Segmenter:
         min_masks_per_phrase: int = 0,
     ) -> None:
         """
-        cfg: confidence, dedup_iou, max_masks_per_phrase, sam3_phrase_batch, sam3_checkpoint, sam3_bpe, dtype.
-        device: torch device ('auto' picks CUDA; SAM3 needs CUDA).
+        cfg: confidence, dedup_iou, dedup_iom, max_masks_per_phrase, box_min_iou, sam3_phrase_batch,
+            sam3_checkpoint, sam3_bpe, dtype.
+        device: torch device ('auto' picks CUDA when there is one; 'cpu' works, slowly).
         load_from_hf: False builds the real architecture with RANDOM weights (tests and benchmarks
             only) unless cfg.sam3_checkpoint is given.
         min_masks_per_phrase: test knob: keep at least this many masks per phrase even below the
@@ -292,9 +467,22 @@ class Sam3Segmenter:
         self.processor: Any = None
         self.device: str | None = None
         self.weights: str = ""  # 'checkpoint <path>' or 'random' once loaded
+        self.load_stats: dict[str, Any] = {}  # load_checkpoint_into's stats ({} for random weights)
         self.last_report: dict[str, Any] = {}
 
     # -- loading ---------------------------------------------------------------------------
+
+    def _upstream_context(self) -> Any:
+        """Where upstream code runs: the selected CUDA device (its "cuda" caches land there), or
+        the CPU mapping of its hard-coded CUDA spots (`upstream_on_cpu`)."""
+        import contextlib
+
+        import torch
+
+        assert self.device is not None
+        if self.device.startswith("cuda"):
+            return torch.cuda.device(torch.device(self.device))
+        return upstream_on_cpu(self.device) if self.device == "cpu" else contextlib.nullcontext()
 
     def load(self) -> Any:
         """Build SAM3 once per process (later calls return the same model)."""
@@ -308,15 +496,19 @@ class Sam3Segmenter:
             from sam3.model.sam3_image_processor import Sam3Processor
             from sam3.model_builder import build_sam3_image_model
         except ImportError as exc:
-            # sam3 itself, or one of its own imports (pycocotools, iopath, ...), is missing.
+            # sam3 itself, or one of its own imports (einops, psutil, pycocotools, iopath, ...), is missing.
             missing = exc.name if exc.name and exc.name.split(".")[0] != "sam3" else "sam3"
-            raise missing_dependency(missing, "sam3", SAM3_INSTALL) from exc
+            top = missing.split(".")[0]
+            install = SAM3_INSTALL if top == "sam3" else f"pip install {SAM3_PIP_NAMES.get(top, top)}"
+            raise missing_dependency(missing, "sam3", install) from exc
         device = pick_device(self.requested_device)
-        if not device.startswith("cuda") or not torch.cuda.is_available():
+        if device.startswith("cuda") and not torch.cuda.is_available():
             raise BackendError(
-                f"SAM3 needs a CUDA GPU; the device here is '{device}'.",
-                "run on a machine with an NVIDIA GPU, or use --segmenter classical.",
+                f"--device {device} was asked for, but torch sees no CUDA GPU here.",
+                "run on a machine with an NVIDIA GPU, use --device cpu (slow), or --segmenter classical.",
             )
+        if device != "cpu" and not device.startswith("cuda"):
+            raise BackendError(f"SAM3 runs on CUDA or the CPU, not on '{device}'.", "use --device cpu, or a CUDA GPU.")
         bpe = resolve_bpe_path(self.cfg.sam3_bpe)
         checkpoint: Path | None = None
         if self.cfg.sam3_checkpoint:
@@ -329,11 +521,19 @@ class Sam3Segmenter:
         elif self.load_from_hf:
             checkpoint = download_sam3_checkpoint()
         t0 = time.perf_counter()
-        # Upstream builds some tensors on the current CUDA device ("cuda"), so select ours first.
-        with torch.cuda.device(torch.device(device)):
-            model = build_sam3_image_model(bpe_path=str(bpe), device="cuda", eval_mode=True, load_from_HF=False, checkpoint_path=None)
+        self.device = device
+        with self._upstream_context():
+            # device="cuda" or "cpu": upstream moves the model with .cuda() only for "cuda"
+            # (model_builder.py:549-555); "cuda:N" is reached through the current-device context.
+            model = build_sam3_image_model(
+                bpe_path=str(bpe),
+                device="cuda" if device.startswith("cuda") else "cpu",
+                eval_mode=True,
+                load_from_HF=False,
+                checkpoint_path=None,
+            )
         if checkpoint is not None:
-            load_checkpoint_into(model, checkpoint)
+            self.load_stats = load_checkpoint_into(model, checkpoint)
             self.weights = f"checkpoint {checkpoint}"
         else:
             fixed = make_random_weights_finite(model)
@@ -343,11 +543,11 @@ class Sam3Segmenter:
                 len(fixed),
             )
         model = model.to(device).eval()
-        # Convolution shapes are fixed here (1008 px input, 288 px masks), so cuDNN's autotuner
-        # pays off after the first call (measured: 157 -> 136 ms for 12 phrases on an H100).
-        torch.backends.cudnn.benchmark = True
+        if device.startswith("cuda"):
+            # Convolution shapes are fixed here (1008 px input, 288 px masks), so cuDNN's autotuner
+            # pays off after the first call (measured: 157 -> 136 ms for 12 phrases on an H100).
+            torch.backends.cudnn.benchmark = True
         self.model = model
-        self.device = device
         self.processor = Sam3Processor(model, resolution=SAM3_RESOLUTION, device=device, confidence_threshold=self.cfg.confidence)
         log.info("SAM3 built on %s in %.1f s (bpe %s, weights %s)", device, time.perf_counter() - t0, bpe, self.weights)
         return model
@@ -365,7 +565,7 @@ class Sam3Segmenter:
         # (3, H, W) uint8 view of the (H, W, 3) array (no CPU copy): Sam3Processor.set_image reads
         # H, W from the last two axes, moves it to the GPU and resizes there (cheap for 12 MP).
         chw = torch.from_numpy(image).permute(2, 0, 1)
-        with torch.inference_mode(), autocast_context(self.device, self.cfg.dtype):
+        with self._upstream_context(), torch.inference_mode(), autocast_context(self.device, self.cfg.dtype):
             return self.processor.set_image(chw)
 
     def encode_text(self, phrases: list[str], boxes_cxcywh: list[tuple[float, float, float, float] | None]) -> dict[str, Any]:
@@ -376,7 +576,7 @@ class Sam3Segmenter:
 
         self.load()
         order = [i for i, b in enumerate(boxes_cxcywh) if b is None] + [i for i, b in enumerate(boxes_cxcywh) if b is not None]
-        with torch.inference_mode(), autocast_context(self.device, self.cfg.dtype):
+        with self._upstream_context(), torch.inference_mode(), autocast_context(self.device, self.cfg.dtype):
             text_out = self.model.backbone.forward_text([phrases[i] for i in order], device=self.device)
         return {"text_out": text_out, "order": order}
 
@@ -385,16 +585,18 @@ class Sam3Segmenter:
         state: dict[str, Any],
         phrases: list[str],
         boxes_cxcywh: list[tuple[float, float, float, float] | None],
-        choose: Callable[[int, np.ndarray], list[int]] | None = None,
+        choose: Callable[[int, np.ndarray, np.ndarray], list[int]] | None = None,
         text: dict[str, Any] | None = None,
     ) -> list[dict[str, Any]]:
         """Batched grounding of every phrase on the one encoded image.
 
         text: `encode_text(phrases, boxes_cxcywh)` when already computed (else computed here).
-        choose(phrase_index, scores) -> query indices whose masks to keep (default: none).
-        Returns one dict per phrase: 'scores' (Q,) float32 numpy (sigmoid x presence), 'queries'
-        (the chosen indices) and 'mask_logits' (len(queries), 288, 288) float32 on the GPU. Only the
-        chosen masks outlive their batch, so memory stays bounded by one batch.
+        choose(phrase_index, scores (Q,), pred_boxes (Q, 4) normalized cxcywh) -> query indices
+        whose masks to keep (default: none).
+        Returns one dict per phrase: 'scores' (Q,) float32 numpy (sigmoid x presence), 'boxes'
+        (Q, 4) float32 numpy (pred_boxes), 'queries' (the chosen indices) and 'mask_logits'
+        (len(queries), 288, 288) float32 on the device. Only the chosen masks outlive their batch,
+        so memory stays bounded by one batch.
         """
         import torch
 
@@ -403,7 +605,7 @@ class Sam3Segmenter:
         n = len(order)
         n_plain = sum(1 for b in boxes_cxcywh if b is None)
         results: list[dict[str, Any] | None] = [None] * n
-        with torch.inference_mode(), autocast_context(self.device, self.cfg.dtype):
+        with self._upstream_context(), torch.inference_mode(), autocast_context(self.device, self.cfg.dtype):
             backbone_out = {**state["backbone_out"], **text["text_out"]}
             batch = max(1, int(self.cfg.sam3_phrase_batch))
             for lo, hi in ((0, n_plain), (n_plain, n)):  # text positions without boxes, then with boxes
@@ -411,7 +613,7 @@ class Sam3Segmenter:
                 while start < hi:
                     stop = min(start + batch, hi)
                     try:
-                        scores, masks = self._ground_batch(backbone_out, start, stop, [boxes_cxcywh[i] for i in order[start:stop]])
+                        scores, boxes, masks = self._ground_batch(backbone_out, start, stop, [boxes_cxcywh[i] for i in order[start:stop]])
                     except torch.cuda.OutOfMemoryError:
                         if batch == 1:
                             raise
@@ -420,19 +622,19 @@ class Sam3Segmenter:
                         log.warning("SAM3: out of GPU memory; grounding %d phrases at a time from now on", batch)
                         continue
                     for j, i in enumerate(order[start:stop]):
-                        queries = [int(q) for q in choose(i, scores[j])] if choose is not None else []
+                        queries = [int(q) for q in choose(i, scores[j], boxes[j])] if choose is not None else []
                         chosen = masks[j, queries].float().clone()  # (len(queries), 288, 288)
-                        results[i] = {"scores": scores[j], "queries": queries, "mask_logits": chosen}
+                        results[i] = {"scores": scores[j], "boxes": boxes[j], "queries": queries, "mask_logits": chosen}
                     del masks
                     start = stop
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
 
-    def _ground_batch(self, backbone_out: dict[str, Any], start: int, stop: int, boxes: list) -> tuple[np.ndarray, Any]:
+    def _ground_batch(self, backbone_out: dict[str, Any], start: int, stop: int, boxes: list) -> tuple[np.ndarray, np.ndarray, Any]:
         """forward_grounding for text positions [start, stop) on image 0; `boxes` are theirs (all
-        None, or all normalized cxcywh). Returns scores (k, Q) numpy and mask logits (k, Q, 288, 288)
-        on the GPU. Builds its index tensors on the GPU, so nothing waits for the backbone until
-        the scores are read."""
+        None, or all normalized cxcywh). Returns scores (k, Q) numpy, predicted boxes (k, Q, 4)
+        numpy (normalized cxcywh) and mask logits (k, Q, 288, 288) on the device. Builds its index
+        tensors on the device, so nothing waits for the backbone until the scores are read."""
         import torch
         from sam3.model.data_misc import FindStage
         from sam3.model.geometry_encoders import Prompt
@@ -465,28 +667,76 @@ class Sam3Segmenter:
         )
         probs = out["pred_logits"].float().sigmoid()  # (k, Q, 1)
         presence = out["presence_logit_dec"].float().sigmoid().unsqueeze(1)  # (k, 1, 1)
-        scores = (probs * presence).squeeze(-1).cpu().numpy()  # (k, Q); the first wait on the GPU
-        return scores, out["pred_masks"]  # (k, Q, 288, 288) logits
+        # Scores and boxes in one copy (the first wait on the GPU).
+        small = torch.cat([(probs * presence), out["pred_boxes"].float()], dim=-1).cpu().numpy()  # (k, Q, 5)
+        return small[..., 0], small[..., 1:], out["pred_masks"]  # (k, Q, 288, 288) logits
 
-    def upsample_masks(self, mask_logits: Any, height: int, width: int) -> np.ndarray:
-        """(K, h, w) logits on the GPU -> (K, height, width) bool numpy, a few at a time.
-        Same rule as the processor: bilinear to the photo's size, then sigmoid > 0.5 (logit > 0)."""
+    def upsample_masks(self, mask_logits: Any, height: int, width: int) -> list[np.ndarray]:
+        """(K, h, w) logits on the device -> K (height, width) bool numpy masks (see `upsample_masks_and_boxes`)."""
+        return self.upsample_masks_and_boxes(mask_logits, height, width)[0]
+
+    def upsample_masks_and_boxes(self, mask_logits: Any, height: int, width: int) -> tuple[list[np.ndarray], list[tuple | None]]:
+        """(K, h, w) logits on the device -> K (height, width) bool numpy masks and their tight
+        pixel boxes (xyxy, exclusive max, as `mask_box_xyxy`; None for an empty mask).
+
+        Same rule as the processor: bilinear to the photo's size, then sigmoid > 0.5, i.e. logit > 0
+        (up: sam3/model/sam3_image_processor.py:211-219). On CUDA the threshold, the boxes and the
+        packing to bits (np.packbits order of the row-major (H, W) mask) happen on the GPU, and only
+        the bits (1.5 MB for 4000x3000) and the row/column occupancy are copied to the host, which
+        unpacks them on several threads; no full-size array is scanned on the host."""
         import torch
         import torch.nn.functional as F
 
-        out = np.zeros((mask_logits.shape[0], height, width), dtype=bool)
-        for s in range(0, mask_logits.shape[0], UPSAMPLE_BATCH):
+        k = int(mask_logits.shape[0])
+        if k == 0:
+            return [], []
+        n = height * width
+        if not str(mask_logits.device).startswith("cuda"):
+            out = []
+            for s in range(0, k, UPSAMPLE_BATCH):
+                chunk = torch.nan_to_num(mask_logits[s : s + UPSAMPLE_BATCH].float(), nan=-1.0)
+                up = F.interpolate(chunk[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+                out += list((up > 0).numpy())
+            return out, [mask_box_xyxy(m) if m.any() else None for m in out]
+        dev = mask_logits.device
+        n8 = (n + 7) // 8
+        weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=dev)
+        packed = torch.empty((k, n8 + height + width), dtype=torch.uint8, device=dev)  # bits | rows occupied | columns occupied
+        for s in range(0, k, UPSAMPLE_BATCH):
             chunk = torch.nan_to_num(mask_logits[s : s + UPSAMPLE_BATCH].float(), nan=-1.0)
-            up = F.interpolate(chunk[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
-            out[s : s + len(chunk)] = (up > 0).cpu().numpy()
-        return out
+            c = len(chunk)
+            on = F.interpolate(chunk[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0] > 0  # (c, H, W)
+            bits = on.view(c, n).to(torch.uint8)
+            if n8 * 8 != n:
+                bits = F.pad(bits, (0, n8 * 8 - n))
+            packed[s : s + c, :n8] = (bits.view(c, n8, 8) * weights).sum(-1, dtype=torch.uint8)
+            packed[s : s + c, n8 : n8 + height] = on.any(dim=2)
+            packed[s : s + c, n8 + height :] = on.any(dim=1)
+        host = torch.empty(packed.shape, dtype=torch.uint8, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        torch.cuda.current_stream(dev).synchronize()
+        data = host.numpy()
+
+        def unpack(j: int) -> np.ndarray:
+            return np.unpackbits(data[j, :n8], count=n).view(bool).reshape(height, width)
+
+        boxes: list[tuple | None] = []
+        for j in range(k):
+            ys, xs = np.flatnonzero(data[j, n8 : n8 + height]), np.flatnonzero(data[j, n8 + height :])
+            boxes.append(None if len(xs) == 0 else (float(xs[0]), float(ys[0]), float(xs[-1] + 1), float(ys[-1] + 1)))
+        if k == 1:
+            return [unpack(0)], boxes
+        # np.unpackbits releases the GIL: unpack (and page in) the masks on several cores.
+        with ThreadPoolExecutor(max_workers=min(k, UNPACK_THREADS)) as pool:
+            return list(pool.map(unpack, range(k))), boxes
 
     # -- the Segmenter protocol -----------------------------------------------------------
 
     def segment(self, image: np.ndarray, plan: Plan | None) -> list[ObjectMask]:
         """One mask per object for each plan item (phrase, and box when present).
 
-        Phrases that give no mask are listed in `last_report['no_mask']`; that is not an error.
+        Phrases that give no mask are listed in `last_report['no_mask']` (boxed phrases whose
+        concept was found only outside the box also in 'box_misses'); that is not an error.
         """
         import torch
 
@@ -511,10 +761,22 @@ class Sam3Segmenter:
         timings["image_queued"] = time.perf_counter() - t
 
         nonfinite = [0] * len(phrases)
+        box_misses: list[dict[str, Any]] = []
+        box_iou: dict[int, float] = {}
 
-        def choose(i: int, scores: np.ndarray) -> list[int]:
-            max_keep = 1 if boxes[i] is not None else max(1, int(self.cfg.max_masks_per_phrase))
-            keep, nonfinite[i] = select_queries(scores, self.cfg.confidence, max_keep, min(self.min_masks_per_phrase, max_keep))
+        def choose(i: int, scores: np.ndarray, pred_boxes: np.ndarray) -> list[int]:
+            min_keep = self.min_masks_per_phrase
+            if boxes[i] is not None:
+                q, iou, nonfinite[i] = select_box_query(
+                    scores, pred_boxes, boxes[i], self.cfg.confidence, self.cfg.box_min_iou, min(min_keep, 1)
+                )
+                if q is None and (np.isfinite(scores) & (scores > self.cfg.confidence)).any():
+                    box_misses.append({"phrase": items[i].phrase, "box_xyxy": list(items[i].box_xyxy or ()), "best_box_iou": round(iou, 3)})
+                if q is not None:
+                    box_iou[i] = round(iou, 3)
+                return [] if q is None else [q]
+            cap = int(self.cfg.max_masks_per_phrase)
+            keep, nonfinite[i] = select_queries(scores, self.cfg.confidence, cap, min(min_keep, cap) if cap > 0 else min_keep)
             return keep
 
         t = time.perf_counter()
@@ -529,26 +791,36 @@ class Sam3Segmenter:
                 candidates.append(_Candidate(i, q, float(res["scores"][q]), logits_q))
         nonfinite_total = sum(nonfinite)
 
+        dropped: dict[int, str] = {}
         with torch.inference_mode():
             if candidates:
                 logits = torch.stack([c.mask_logits.float() for c in candidates])  # (K, 288, 288)
                 small = _iou_masks(torch.nan_to_num(logits, nan=-1.0), height, width)  # (K, h, w) bool
-                nonempty = small.flatten(1).any(1).cpu().numpy()
                 flat = small.flatten(1).float()  # (K, h*w); counts stay exact in fp32 below 2**24 pixels
-                iou = iou_from_intersections((flat @ flat.T).cpu().numpy())  # (K, K)
-                alive = [j for j in range(len(candidates)) if nonempty[j]]
-                kept_alive = dedup_by_iou(iou[np.ix_(alive, alive)], np.array([candidates[j].score for j in alive]), self.cfg.dedup_iou)
+                inter = (flat @ flat.T).cpu().numpy()  # (K, K) pixel counts; the diagonal holds the areas
+                alive = [j for j in range(len(candidates)) if inter[j, j] > 0]
+                kept_alive, dropped_alive = dedup_masks(
+                    inter[np.ix_(alive, alive)],
+                    np.array([candidates[j].score for j in alive]),
+                    [candidates[j].phrase_index for j in alive],
+                    self.cfg.dedup_iou,
+                    self.cfg.dedup_iom,
+                )
                 kept = [alive[j] for j in kept_alive]
+                dropped = {alive[j]: why for j, why in dropped_alive.items()}
                 kept.sort(key=lambda j: (candidates[j].phrase_index, -candidates[j].score))
-                full = self.upsample_masks(logits[kept], height, width) if kept else np.zeros((0, height, width), bool)
+                t_up = time.perf_counter()
+                timings["dedup"] = t_up - t
+                full, full_boxes = self.upsample_masks_and_boxes(logits[kept], height, width) if kept else ([], [])
+                timings["upsample_copy"] = time.perf_counter() - t_up
             else:
-                alive, kept, full = [], [], np.zeros((0, height, width), bool)
+                alive, kept, full, full_boxes = [], [], [], []
 
         masks: list[ObjectMask] = []
         returned: set[int] = set()  # phrase indices that gave a mask
-        for j, mask in zip(kept, full, strict=True):
+        for j, mask, box in zip(kept, full, full_boxes, strict=True):
             c = candidates[j]
-            if not mask.any():
+            if box is None:  # empty at full size
                 continue
             item = items[c.phrase_index]
             prompt = (
@@ -556,7 +828,7 @@ class Sam3Segmenter:
                 if boxes[c.phrase_index] is None
                 else f"{phrases[c.phrase_index]} + box {','.join(f'{v:.0f}' for v in item.box_xyxy)}"
             )
-            masks.append(ObjectMask(mask=mask, label=item.phrase or "object", prompt=prompt, score=c.score, source="sam3"))
+            masks.append(ObjectMask(mask=mask, label=item.phrase or "object", prompt=prompt, score=c.score, source="sam3", box_xyxy=box))
             returned.add(c.phrase_index)
         timings["select_dedup_upsample"] = time.perf_counter() - t
 
@@ -567,11 +839,16 @@ class Sam3Segmenter:
             "phrases": len(phrases),
             "no_mask": [phrases[i] for i in range(len(items)) if i not in returned and i not in only_duplicates],
             "only_duplicates": [phrases[i] for i in only_duplicates],
+            "box_misses": box_misses,
+            "box_iou": [{"phrase": phrases[i], "box_iou": v} for i, v in sorted(box_iou.items())],
             "nan_scores": int(nonfinite_total),
             "candidates": len(candidates),
             "empty_masks": len(candidates) - len(alive),
-            "duplicates_removed": len(alive) - len(kept),
+            "duplicates_removed": sum(1 for why in dropped.values() if why == "iou"),
+            "parts_removed": sum(1 for why in dropped.values() if why == "iom"),
             "weights": self.weights,
+            "checkpoint": self.load_stats,
+            "device": self.device,
             "dtype": self.cfg.dtype,
             "warnings": warnings,
             "timings_s": {k: round(v, 4) for k, v in timings.items()},
@@ -585,7 +862,9 @@ class Sam3Segmenter:
 
 
 def _prompts(items: list[PlanItem], width: int, height: int) -> tuple[list[str], list, list[str]]:
-    """Plan items -> (texts, boxes as normalized cxcywh or None, warnings)."""
+    """Plan items -> (texts, boxes as normalized cxcywh or None, warnings). An item without a
+    phrase (an unlabelled --box) is sent with upstream's box-only text "visual"
+    (up: sam3/model/sam3_image_processor.py:137-142)."""
     phrases, boxes, warnings = [], [], []
     for item in items:
         text = (item.phrase or "").strip() or BOX_ONLY_TEXT

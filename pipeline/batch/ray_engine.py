@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.batch.protocol import WorkerSpec, WorkerStartError, project_root
-from pipeline.core.errors import BackendError, missing_dependency
+from pipeline.core.errors import BackendError, PipelineError, describe, missing_dependency
 
 ACTOR_MAX_RESTARTS = 2
 
@@ -139,7 +139,12 @@ class RayPool:
                 if "ready" in states:
                     return
                 if all(s == "dead" for s in states):
-                    raise self.fatal or BackendError(f"no {self.spec.stage} worker started.", "see ROOT/logs/.")
+                    if isinstance(self.fatal, PipelineError):
+                        raise self.fatal
+                    raise BackendError(
+                        f"no {self.spec.stage} Ray actor started: {describe(self.fatal, with_type=True) if self.fatal else 'unknown'}.",
+                        "see ROOT/logs/ and Ray's logs (/tmp/ray/session_latest/logs on each node).",
+                    )
                 if time.monotonic() > deadline:
                     raise BackendError(
                         f"no {self.spec.stage} Ray actor was ready after {self.spec.ready_timeout:g} s (each asks for {num_gpus:g} GPU(s) "
@@ -313,8 +318,10 @@ class RayEngine:
         ray = _ray()
         self.bcfg = bcfg
         self.vlm_handle: RayVLM | None = None
-        address = bcfg.ray_address or None
-        if address is None:
+        # No address: a new local Ray of our own ("local"), never whatever Ray happens to run on this
+        # machine (ray.init() alone joins a cluster started by `ray start`) -- unless RAY_ADDRESS says so.
+        address = bcfg.ray_address or (None if os.environ.get("RAY_ADDRESS") else "local")
+        if address == "local":
             # A local Ray we start: its raylet kills our actors' children even after an actor crash.
             os.environ.setdefault("RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper", "1")
         self._started = not ray.is_initialized()

@@ -234,13 +234,14 @@ def _same_masks(a: Path, b: Path) -> bool:
 # ---------------------------------------------------------------- a simulated two-node cluster
 
 
-def _raylet_pids_of_workers(stop: threading.Event, seen: dict[int, str]) -> None:
-    """Poll /proc for stage worker children and record which raylet (node) each one lives under."""
+def _raylet_pids_of_workers(stop: threading.Event, seen: dict[int, str], mark: str) -> None:
+    """Poll /proc for this test's stage worker children (`mark` in their argv) and record which raylet
+    (node) each one lives under."""
     while not stop.is_set():
         for proc in Path("/proc").glob("[0-9]*"):
             try:
                 cmd = (proc / "cmdline").read_bytes().split(b"\0")
-                if b"worker" not in cmd or b"--stage" not in cmd or b"pipeline" not in cmd:
+                if b"worker" not in cmd or b"--stage" not in cmd or b"pipeline" not in cmd or mark.encode() not in b" ".join(cmd):
                     continue
                 env = dict(kv.split(b"=", 1) for kv in (proc / "environ").read_bytes().split(b"\0") if b"=" in kv)
             except OSError:
@@ -252,18 +253,22 @@ def _raylet_pids_of_workers(stop: threading.Event, seen: dict[int, str]) -> None
 
 @needs_ray
 @pytest.mark.slow
-def test_ray_engine_on_a_two_node_cluster(photos: Path, tmp_path: Path):
+def test_ray_engine_on_a_two_node_cluster(photos: Path, tmp_path: Path, monkeypatch):
     from ray.cluster_utils import Cluster
 
+    # On a cluster, actors get the environment of their node's raylet (what `ray start` had), not
+    # the driver's: the stand-in's switches must be there, as HF_TOKEN would be on a real cluster.
+    flags, env = stand_in_vllm(tmp_path / "vllm", chat_delay=CHAT_DELAY)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
     # Two raylets on this machine; small object stores (rows are paths, nothing big travels).
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 80 * 1024**2, "include_dashboard": False})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "object_store_memory": 80 * 1024**2, "include_dashboard": False})
     try:
-        cluster.add_node(num_cpus=2, object_store_memory=80 * 1024**2)
+        cluster.add_node(num_cpus=4, object_store_memory=80 * 1024**2)
         cluster.wait_for_nodes()
-        flags, env = stand_in_vllm(tmp_path / "vllm", chat_delay=CHAT_DELAY)
         seen: dict[int, str] = {}
         stop = threading.Event()
-        watcher = threading.Thread(target=_raylet_pids_of_workers, args=(stop, seen), daemon=True)
+        watcher = threading.Thread(target=_raylet_pids_of_workers, args=(stop, seen, str(tmp_path)), daemon=True)
         watcher.start()
         try:
             proc = run_batch(

@@ -1,0 +1,75 @@
+"""The Ray engine when a stage actor's own process dies (OOM killer, lost node): Ray restarts the
+actor (bounded), its worker child goes with it, and the photos it had are sent again and finish."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is not installed: pip install -r envs/requirements-ray.txt"),
+]
+
+FAST = ["--profile", "lite", "--no-progress", "--gif-frames", "3", "--gif-size", "48", "--scene-gif-size", "64", "--inflate-gaussians", "800"]
+
+
+def _ppid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def test_killed_stage_actor_is_restarted_and_its_photos_finish(tmp_path: Path):
+    from pipeline.demo.scene import make_demo_scene
+
+    scene = make_demo_scene(tmp_path / "demo")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(6):
+        shutil.copy(scene.image_path, photos / f"p{i}.png")
+    root = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "batch", "--images", str(photos), "--out", str(root), *FAST, "--engine", "ray", "--stage2-workers", "2"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    killed: tuple[int, int] | None = None
+    deadline = time.monotonic() + 240
+    try:
+        while proc.poll() is None and killed is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            try:
+                workers = json.loads((root / "batch.json").read_text()).get("workers", {}).get("stage2") or []
+            except (OSError, ValueError):
+                continue
+            child = next((w["pid"] for w in workers if w.get("pid")), None)
+            if child is None:
+                continue
+            actor = _ppid(child)  # the Ray actor process that owns this worker child
+            time.sleep(0.5)  # it has photos in flight by now
+            os.kill(actor, signal.SIGKILL)
+            killed = (child, actor)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert killed is not None, "the stage 2 workers never showed up in batch.json"
+    assert proc.returncode == 0, out[-3000:]
+    batch = json.loads((root / "batch.json").read_text())
+    assert batch["counts"]["done"] == 6
+    # The restarted actor started a new child (its log holds both starts); the old child is gone.
+    starts = sum(p.read_text().count("starting stage2-worker") for p in (root / "logs").glob("stage2-worker-*.log"))
+    assert starts >= 3
+    time.sleep(1)
+    assert not Path(f"/proc/{killed[0]}").exists() or "zombie" in Path(f"/proc/{killed[0]}/status").read_text().lower()
+    for row in batch["photos"]:
+        assert row["status"] == "done" and (root / row["run_dir"] / "scene" / "scene.ply").is_file()
+    assert not list(root.rglob(".tmp-*"))

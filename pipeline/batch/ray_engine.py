@@ -162,7 +162,7 @@ class RayPool:
 
     def _dispatch(self) -> None:
         ray = _ray()
-        from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
+        from ray.exceptions import RayActorError, RayTaskError
 
         while True:
             with self.cond:
@@ -213,10 +213,12 @@ class RayPool:
                     else:
                         job.future.set_exception(cause if isinstance(cause, BaseException) else exc)
                 except RayActorError as exc:
-                    # The actor process died (node lost, OOM-killed): Ray restarts it (bounded); the photo goes again.
-                    if isinstance(exc, ActorDiedError):
-                        with self.cond:
-                            a["state"], a["error"] = "dead", exc
+                    # The actor's process died (node lost, OOM-killed): Ray restarts it (bounded). It gets
+                    # photos again once a start call succeeds; if that fails too, it is dead for good.
+                    with self.cond:
+                        if a["state"] == "ready":
+                            a["state"], a["error"] = "starting", exc
+                            a["start"] = a["handle"].start.remote()
                     self._retry(job, exc)
 
     def _retry(self, job: _Job, exc: BaseException) -> None:

@@ -138,8 +138,14 @@ def test_local_engine_one_server_and_requests_in_flight(local_batch, photos: Pat
 def test_rerun_of_a_finished_batch_starts_nothing_and_redoes_nothing(local_batch, photos: Path):
     out = local_batch["out"]
     assert local_batch["proc"].returncode == 0
-    # Everything but the batch's own summary, index and lock file.
-    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name not in ("batch.json", "index.html", ".batch.lock")}
+    # Everything but the batch's own summary, index, lock file and the driver's log (which a rerun appends to).
+    driver_log = out / "logs" / "pipeline.log"
+    log_size = driver_log.stat().st_size if driver_log.exists() else 0
+    before = {
+        p: p.stat().st_mtime_ns
+        for p in out.rglob("*")
+        if p.is_file() and p.name not in ("batch.json", "index.html", ".batch.lock") and p != driver_log
+    }
     starts = server_starts(read_stats(local_batch["stats"]))
     t0 = time.monotonic()
     proc = run_batch(photos, out, *local_batch["args"], env=local_batch["env"])
@@ -149,6 +155,8 @@ def test_rerun_of_a_finished_batch_starts_nothing_and_redoes_nothing(local_batch
     changed = [str(p.relative_to(out)) for p, m in before.items() if not p.exists() or p.stat().st_mtime_ns != m]
     assert not changed, f"a rerun rewrote finished files: {changed[:5]}"
     assert set(statuses(read_batch(out)).values()) == {"done"}
+    if driver_log.exists():
+        assert "starting" not in driver_log.read_bytes()[log_size:].decode(), "a rerun of a finished batch started a worker or server"
     # No worker at all: a stage worker's start alone (python, imports) takes seconds here. The speed
     # target itself is checked by bench/batch_rerun.py.
     assert seconds < 60, seconds

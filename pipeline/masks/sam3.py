@@ -771,7 +771,7 @@ class Sam3Segmenter:
                     scores, pred_boxes, boxes[i], self.cfg.confidence, self.cfg.box_min_iou, min(min_keep, 1)
                 )
                 if q is None and (np.isfinite(scores) & (scores > self.cfg.confidence)).any():
-                    box_misses.append({"phrase": items[i].phrase, "box_xyxy": list(items[i].box_xyxy or ()), "best_box_iou": round(iou, 3)})
+                    box_misses.append({"phrase": phrases[i], "box_xyxy": list(items[i].box_xyxy or ()), "best_box_iou": round(iou, 3)})
                 if q is not None:
                     box_iou[i] = round(iou, 3)
                 return [] if q is None else [q]

@@ -29,6 +29,7 @@ from pipeline.batch.protocol import WorkerSpec, WorkerStartError, project_root
 from pipeline.core.errors import BackendError, PipelineError, describe, missing_dependency
 
 ACTOR_MAX_RESTARTS = 2
+PROBES = 30  # start calls (1 s apart) an actor that lost its process gets before it counts as dead
 
 
 def _ray():
@@ -178,6 +179,10 @@ class RayPool:
                         ref = a["handle"].process.remote(job.image, job.run_dir, job.key)
                         a["busy"] += 1
                         self.running[ref] = (job, a)
+                now = time.monotonic()
+                for a in self.actors:
+                    if a["state"] == "probing" and now >= a["probe_at"]:
+                        a["state"], a["start"] = "starting", a["handle"].start.remote()
                 starts = {a["start"]: a for a in self.actors if a["state"] == "starting"}
                 refs = list(self.running) + list(starts)
                 if not refs:
@@ -190,13 +195,18 @@ class RayPool:
                         a = starts[ref]
                         try:
                             a["ready"] = ray.get(ref)
-                            a["state"] = "ready"
-                        except RayTaskError as exc:
+                            a["state"], a["probes"] = "ready", 0
+                        except RayTaskError as exc:  # the worker child could not start: no retry helps
                             a["state"], a["error"] = "dead", exc
                             self.fatal = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
                         except RayActorError as exc:
-                            a["state"], a["error"] = "dead", exc
-                            self.fatal = self.fatal or exc
+                            # Restarting (or gone): ask again a little later, a bounded number of times.
+                            a["probes"] = a.get("probes", 0) + 1
+                            if a["probes"] <= PROBES:
+                                a["state"], a["probe_at"], a["error"] = "probing", time.monotonic() + 1.0, exc
+                            else:
+                                a["state"], a["error"] = "dead", exc
+                                self.fatal = self.fatal or exc
                         self.cond.notify_all()
                         continue
                     job, a = self.running.pop(ref)

@@ -163,7 +163,6 @@ class BatchConfig:
     worker_ready_timeout: float = opt(3600.0, "Seconds a stage worker may take to load its models before it counts as failed.")
 
 
-
 def env_default(f: dataclasses.Field) -> Any:
     name = f.metadata.get("env")
     if name and os.environ.get(name):

@@ -132,13 +132,29 @@ def prepare_input(paths: RunPaths, manifest: Manifest, image_path: Path) -> tupl
     return rgb, pixels, record
 
 
-class Stage1:
-    """photo -> plan -> masks/. Loads the planner and segmenter once."""
+def vllm_server_args(cfg: Configs, *, mode: str | None = None) -> dict[str, Any]:
+    """How the pipeline starts vLLM for stage 1 (one photo here, a whole batch in pipeline.batch).
+    Scene mode stops vLLM before SAM3 starts, query mode runs both at once: the GPU share follows."""
+    mode = mode or ("query" if cfg.planner.prompt else "scene")
+    return {"served_model_name": cfg.planner.vlm_model, "mode": mode, "max_image_side": cfg.planner.vlm_max_image_side}
 
-    def __init__(self, cfg: Configs, choice: BackendChoice | None = None, log=print):
+
+def started_vllm_planner_args(cfg: Configs) -> dict[str, Any]:
+    """VLMPlanner arguments for a vLLM the pipeline started itself (with our flags)."""
+    return {"vllm_server": True, "reasoning_parser": bool(cfg.server.reasoning_parser)}
+
+
+class Stage1:
+    """photo -> plan -> masks/. Loads the planner and segmenter once.
+
+    `started_vllm`: --vlm-url is a vLLM the pipeline started with these settings (a batch's server),
+    so the planner talks to it exactly as to one started here."""
+
+    def __init__(self, cfg: Configs, choice: BackendChoice | None = None, log=print, *, started_vllm: bool = False):
         self.cfg = cfg
         self.choice = choice or choose_backends(cfg.run, cfg.planner, cfg.server, cfg.segmenter, cfg.lifter)
         self.log = log
+        self.started_vllm = started_vllm
         self._segmenter = None
         # A batch worker plans several photos at once in threads (VLM requests overlap); the one
         # segmenter (one model on one GPU) takes them one at a time.
@@ -172,19 +188,17 @@ class Stage1:
         from pipeline.plan.vlm import VLMPlanner
 
         if not self.choice.start_vlm_server:
-            yield VLMPlanner(self.cfg.planner, seed=self.cfg.run.seed)
+            started = started_vllm_planner_args(self.cfg) if self.started_vllm else {}
+            yield VLMPlanner(self.cfg.planner, seed=self.cfg.run.seed, **started)
             return
         from pipeline.plan.server import VLLMServer
 
         log_path = paths.logs_dir / "vllm.log"
-        # Scene mode stops vLLM before SAM3 starts, query mode runs both at once: the GPU share follows.
-        mode = "query" if self.cfg.planner.prompt else "scene"
-        server_cfg = dict(served_model_name=self.cfg.planner.vlm_model, mode=mode, max_image_side=self.cfg.planner.vlm_max_image_side)
-        with VLLMServer(self.cfg.server, log_path, **server_cfg) as server:
+        with VLLMServer(self.cfg.server, log_path, **vllm_server_args(self.cfg)) as server:
             self.log(f"vLLM ready at {server.url} (log: {log_path})")
             try:
                 yield VLMPlanner(self.cfg.planner, url=server.url, api_key=server.api_key, model=server.model_name, seed=self.cfg.run.seed,
-                                 vllm_server=True, reasoning_parser=bool(self.cfg.server.reasoning_parser))
+                                 **started_vllm_planner_args(self.cfg))
             except BackendError as exc:
                 if server.alive():
                     raise

@@ -215,3 +215,31 @@ def test_profile_auto_plans_with_vllm_only_where_gpus_are(photos: Path, tmp_path
         assert sum(e["event"] == "start" for e in starts) == 1 and plan["planner"] != "none"
     else:
         assert starts == [] and plan["planner"] == "none"
+
+
+def test_batch_vllm_is_started_and_used_like_stage1s(photos: Path, tmp_path: Path):
+    """The batch's one vLLM gets the settings Stage1 would give its own (query-mode GPU share, since
+    SAM3 runs beside it; the image size cap), and the workers talk to it as to a vLLM we started:
+    without a reasoning parser they ask for no JSON grammar."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fake_vllm import make_launchable
+
+    exe, model = make_launchable(tmp_path)
+    replies = tmp_path / "replies.json"
+    replies.write_text(json.dumps([json.loads((ROOT / "tests/fixtures/vlm_responses/good_scene_think_block.json").read_text())["content"]]))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(photos / "scène.png", folder / "one.png")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FAKE_VLLM_REPLY_FILE": str(replies)}
+    for parser, structured in (("qwen3", True), ("", False)):
+        root = tmp_path / f"root-{parser or 'none'}"
+        proc = subprocess.run([sys.executable, "-m", "pipeline", "batch", "--images", str(folder), "--out", str(root), "--stage", "1",
+                               "--planner", "vlm", "--segmenter", "classical", "--vllm-command", str(exe), "--vlm-model-id", str(model),
+                               "--reasoning-parser", parser, "--vlm-max-image-side", "640", "--no-progress"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr
+        request = json.loads((root / run_rel_for("one.png") / "stage1" / "plan.json").read_text())["request"]
+        assert request["structured_output"] is structured
+        assert request["vllm_fields"]  # vLLM-only sampling fields: the workers know it is our vLLM
+        argv = (root / "logs" / "vllm.log").read_text().splitlines()[0]
+        assert '"max_pixels": 409600' in argv  # 640 x 640, from --vlm-max-image-side

@@ -122,6 +122,11 @@ class LocalPool:
         return [{"name": w.name, "pid": w.pid, "starts": w.starts, "gpu": w.extra_env.get("CUDA_VISIBLE_DEVICES")} for w in self.workers]
 
 
+def started_vllm_env(server: Any) -> dict[str, str]:
+    """The environment that tells stage 1 workers about a vLLM the batch started (docs/BATCH.md)."""
+    return {"SAM3DGS_VLM_URL": server.url, "SAM3DGS_VLM_API_KEY": server.api_key, "SAM3DGS_VLM_MODEL": server.model_name, "SAM3DGS_VLM_STARTED": "1"}
+
+
 def _copy(src: Future, dst: Future) -> None:
     if src.exception() is not None:
         dst.set_exception(src.exception())
@@ -134,13 +139,15 @@ class LocalVLM:
 
     def __init__(self, cfgs: Any, log_path: Path):
         from pipeline.plan.server import VLLMServer
+        from pipeline.stages import vllm_server_args
 
-        self.server = VLLMServer(cfgs.server, log_path, served_model_name=cfgs.planner.vlm_model)
+        # Query mode's GPU share: the server stays up while SAM3 workers segment on the same GPU.
+        self.server = VLLMServer(cfgs.server, log_path, **vllm_server_args(cfgs, mode="query"))
 
     def start(self) -> dict[str, str]:
         """Start and wait until ready; returns the env the stage 1 workers need to reach it."""
         self.server.start()
-        return {"SAM3DGS_VLM_URL": self.server.url, "SAM3DGS_VLM_API_KEY": self.server.api_key, "SAM3DGS_VLM_MODEL": self.server.model_name}
+        return started_vllm_env(self.server)
 
     def info(self) -> dict[str, Any]:
         return {"url": self.server.url, "pid": self.server.pid, "ready_seconds": self.server.ready_seconds}

@@ -67,14 +67,18 @@ class StageActor:
 class VLMServerActor:
     """One vLLM server on this actor's node for the duration of stage 1."""
 
-    def __init__(self, server_cfg: Any, served_model_name: str, log_path: str):
+    def __init__(self, cfgs: Any, log_path: str):
         from pipeline.plan.server import VLLMServer
+        from pipeline.stages import vllm_server_args
 
-        self.server = VLLMServer(server_cfg, Path(log_path), served_model_name=served_model_name)
+        # Query mode's GPU share: the server stays up while SAM3 actors segment beside it.
+        self.server = VLLMServer(cfgs.server, Path(log_path), **vllm_server_args(cfgs, mode="query"))
 
     def start(self) -> dict[str, str]:
+        from pipeline.batch.local import started_vllm_env
+
         self.server.start()
-        return {"SAM3DGS_VLM_URL": self.server.url, "SAM3DGS_VLM_API_KEY": self.server.api_key, "SAM3DGS_VLM_MODEL": self.server.model_name}
+        return started_vllm_env(self.server)
 
     def stop(self) -> None:
         self.server.stop()
@@ -288,7 +292,7 @@ class RayVLM:
             self.actors[node] = remote.options(
                 num_gpus=gpus, num_cpus=1, max_restarts=0, max_concurrency=2,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
-            ).remote(cfgs.server, cfgs.planner.vlm_model, str(log_dir / f"vllm-{node[:8]}.log"))
+            ).remote(cfgs, str(log_dir / f"vllm-{node[:8]}.log"))
         self.env_by_node: dict[str, dict[str, str]] = {}
 
     def start(self) -> dict[str, str]:

@@ -64,7 +64,8 @@ class StageWorker:
                     "a stage 1 batch worker needs a running VLM server (SAM3DGS_VLM_URL); it does not start vLLM itself.",
                     "run it through `python -m pipeline batch` (which starts one server), or set SAM3DGS_VLM_URL.",
                 )
-            self.runner = Stage1(cfgs, self.choice, log=log)
+            # SAM3DGS_VLM_STARTED: the driver started this vLLM with our flags (protocol environment).
+            self.runner = Stage1(cfgs, self.choice, log=log, started_vllm=os.environ.get("SAM3DGS_VLM_STARTED") == "1")
             segmenter = self.runner.segmenter()
             if hasattr(segmenter, "load"):
                 segmenter.load()  # SAM3 now: a missing package or checkpoint fails the start, not every photo

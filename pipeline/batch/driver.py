@@ -302,23 +302,21 @@ class _Batch:
         planner = self._planner()
         # Workers get the decision as a flag, so none of them decides otherwise in its own env.
         self.cfgs.planner.planner = planner  # type: ignore[assignment]
-        n = self.engine.default_workers("stage1")
         env: dict[str, str] = {}
-        concurrency = 1
-        if planner == "vlm":
-            concurrency = max(1, math.ceil(self.bcfg.vlm_concurrency / n))
-            if not self.cfgs.planner.vlm_url:
-                self.vlm = self.engine.vlm(self.cfgs, self.root / "logs")
-                self.log("batch: starting one vLLM server for stage 1")
-                env = self.vlm.start()
-                self.manifest.vlm = self.vlm.info()
+        if planner == "vlm" and not self.cfgs.planner.vlm_url:
+            self.vlm = self.engine.vlm(self.cfgs, self.root / "logs")
+            self.log("batch: starting one vLLM server for stage 1")
+            env = self.vlm.start()
+            self.manifest.vlm = self.vlm.info()
+        n = self.engine.default_workers("stage1")
+        concurrency = max(1, math.ceil(self.bcfg.vlm_concurrency / n)) if planner == "vlm" else 1
         if self.progress:
             self.progress.stage("stage 1")
         spec = self._spec("stage1", concurrency, env)
         if self.bcfg.pipelined and "stage2" in self.stages:
             self._pipelined(todo, spec, n)
             return
-        self._run_stage("stage1", todo, spec=spec, n=n)
+        self._run_stage("stage1", todo, spec=spec, n=n, prewarm="stage2" in self.stages)
         if self.vlm is not None:
             self.vlm.stop()
             self.vlm = None
@@ -335,17 +333,21 @@ class _Batch:
         if pool is not None:
             pool.close()
 
-    def _run_stage(self, stage: str, todo: list[int], *, spec: WorkerSpec | None = None, n: int | None = None) -> None:
+    def _run_stage(self, stage: str, todo: list[int], *, spec: WorkerSpec | None = None, n: int | None = None, prewarm: bool = False) -> None:
         if spec is None:
             spec = self._spec(stage, 1, {})
-        if n is None:
-            n = self.engine.default_workers(stage)
         if self.progress:
             self.progress.stage(STAGE_NAMES[stage])
             if stage == "stage2" and "stage1" in self.stages and self.progress.bar is not None:
                 self.progress.bar.total = (self.progress.bar.total or 0) + len(todo)
                 self.progress.bar.refresh()
-        pool = self._open(stage, spec, n)
+        pool = self.pools.get(stage)
+        if pool is None:
+            pool = self._open(stage, spec, self.engine.default_workers(stage) if n is None else n)
+        elif hasattr(pool, "wait_started"):
+            pool.wait_started()  # opened early (prewarm): its start errors surface here
+        if prewarm and getattr(self.engine, "prewarm_stage2", False):
+            self._open("stage2", self._spec("stage2", 1, {}), self.engine.default_workers("stage2"), wait=False)
         futures = {self._submit(pool, stage, i): (stage, i) for i in todo}
         self._collect(futures)
         self._close(stage)
@@ -395,6 +397,8 @@ class _Batch:
                     stage1_left -= 1
                     if stage1_left == 0 and until_stage1_done is not None:
                         until_stage1_done()
+            for name, pool in self.pools.items():  # pids, restarts and states as they change
+                self.manifest.workers[name] = pool.info()
             self.manifest.save()
 
     def _finish(self, stage: str, i: int, future: Future) -> None:

@@ -285,7 +285,7 @@ class RayVLM:
 
         self.engine = engine
         nodes = engine.nodes(gpu_only=True) or engine.nodes()
-        gpus = engine.bcfg.vlm_gpus if engine.bcfg.vlm_gpus is not None else (0.5 if engine.total_gpus() else 0)
+        gpus = engine.vlm_gpus()
         remote = ray.remote(VLMServerActor)
         self.actors: dict[str, Any] = {}
         for node in nodes:
@@ -329,6 +329,9 @@ class RayVLM:
 
 class RayEngine:
     name = "ray"
+    # Stage 2's actors are created while stage 1 runs: Ray places them only on resources stage 1 does
+    # not hold (so GPU stage-major still holds), and their start is off the critical path.
+    prewarm_stage2 = True
 
     def __init__(self, bcfg: Any):
         ray = _ray()
@@ -336,30 +339,71 @@ class RayEngine:
         self.vlm_handle: RayVLM | None = None
         # No address: a new local Ray of our own ("local"), never whatever Ray happens to run on this
         # machine (ray.init() alone joins a cluster started by `ray start`) -- unless RAY_ADDRESS says so.
-        address = bcfg.ray_address or (None if os.environ.get("RAY_ADDRESS") else "local")
-        if address == "local":
+        self.address = bcfg.ray_address or (None if os.environ.get("RAY_ADDRESS") else "local")
+        self.local = self.address == "local"
+        if self.local:
             # A local Ray we start: its raylet kills our actors' children even after an actor crash.
             os.environ.setdefault("RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper", "1")
         self._started = not ray.is_initialized()
+        self._init_error: BaseException | None = None
+        self._init_done = threading.Event()
+        self._release = threading.Event()
         if self._started:
-            try:
-                ray.init(
-                    address=address,
-                    include_dashboard=False,
-                    log_to_driver=False,  # workers log to ROOT/logs/ and the run folders
-                    runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}},
-                )
-            except ConnectionError as exc:
-                raise BackendError(f"cannot reach the Ray cluster at {address}: {exc}.", "start it with `ray start --head` or fix --ray-address.") from exc
+            # Seconds of start-up, overlapped with what the driver does meanwhile (a local vLLM's start).
+            # The thread lives until shutdown: Ray starts its local GCS and raylet with a parent-death
+            # signal, which the kernel sends when the *thread* that started them ends.
+            threading.Thread(target=self._init, name="ray-init", daemon=True).start()
+        else:
+            self._init_done.set()
+
+    def _init(self) -> None:
+        import logging
+
+        ray = _ray()
+        # ray.init off the main thread only skips Ray's SIGTERM handler; say nothing about it.
+        quiet = logging.getLogger("ray._private.worker")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            ray.init(
+                address=self.address,
+                include_dashboard=False,
+                log_to_driver=False,  # workers log to ROOT/logs/ and the run folders
+                runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}},
+            )
+        except BaseException as exc:  # noqa: BLE001 - raised in the driver's thread by ready()
+            self._init_error = exc
+        finally:
+            quiet.setLevel(level)
+            self._init_done.set()
+        self._release.wait()  # see __init__: ending this thread would stop a local Ray
+
+    def ready(self) -> None:
+        """Wait for ray.init; raise its error in the caller's thread."""
+        self._init_done.wait()
+        if self._init_error is not None:
+            exc, self._init_error = self._init_error, None
+            if isinstance(exc, ConnectionError):
+                raise BackendError(f"cannot reach the Ray cluster at {self.address}: {exc}.", "start it with `ray start --head` or fix --ray-address.") from exc
+            raise exc
 
     def nodes(self, *, gpu_only: bool = False) -> list[str]:
-        ray = _ray()
-        return sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and (not gpu_only or n.get("Resources", {}).get("GPU", 0) > 0))
+        self.ready()
+        return sorted(n["NodeID"] for n in _ray().nodes() if n.get("Alive") and (not gpu_only or n.get("Resources", {}).get("GPU", 0) > 0))
+
+    def _node_gpus(self) -> list[float]:
+        self.ready()
+        return [float(n.get("Resources", {}).get("GPU", 0)) for n in _ray().nodes() if n.get("Alive")]
 
     def total_gpus(self) -> float:
+        self.ready()
         return float(_ray().cluster_resources().get("GPU", 0))
 
     def has_gpus(self) -> bool:
+        if self.local:  # the GPUs our own local Ray will find, known without waiting for it
+            from pipeline.batch.local import visible_gpus
+
+            return bool(visible_gpus(None))
         return self.total_gpus() > 0
 
     def stage_gpus(self, stage: str) -> float:
@@ -368,18 +412,32 @@ class RayEngine:
             return float(value)
         if not self.total_gpus():
             return 0.0
-        return 0.5 if stage == "stage1" else 1.0  # stage 1 shares its GPU with its node's vLLM
+        # Stage 1 shares a GPU with its node's vLLM actor when there is one.
+        return 0.5 if stage == "stage1" and self.vlm_handle is not None else 1.0
+
+    def vlm_gpus(self) -> float:
+        if self.bcfg.vlm_gpus is not None:
+            return float(self.bcfg.vlm_gpus)
+        return 0.5 if self.total_gpus() else 0.0
 
     def default_workers(self, stage: str) -> int:
+        """One per GPU (as the local engine), as far as they fit beside each node's vLLM actor; one
+        on a cluster without GPUs."""
         n = self.bcfg.stage1_workers if stage == "stage1" else self.bcfg.stage2_workers
         if n > 0:
             return n
-        if stage == "stage1":
-            return max(1, len(self.nodes(gpu_only=True)))  # stage 1 waits on the VLM: one per node is enough
-        gpus = self.stage_gpus(stage)
-        return max(1, int(self.total_gpus() // gpus)) if gpus else 1
+        per = self.stage_gpus(stage)
+        if not per:
+            return 1
+        held = self.vlm_gpus() if stage == "stage1" and self.vlm_handle is not None else 0.0
+        count = 0
+        for gpus in self._node_gpus():
+            if gpus > 0:
+                count += max(0, min(int(gpus), int((gpus - held) // per)))
+        return max(1, count)
 
     def open_pool(self, spec: WorkerSpec, n: int, *, wait: bool = True) -> RayPool:
+        self.ready()
         node_env = self.vlm_handle.env_by_node if (spec.stage == "stage1" and self.vlm_handle is not None) else None
         gpus = self.stage_gpus(spec.stage)
         pool = RayPool(self, spec, n, num_gpus=gpus, node_env=node_env)
@@ -391,13 +449,25 @@ class RayEngine:
                 raise
         return pool
 
-    def vlm(self, cfgs: Any, log_dir: Path) -> RayVLM:
+    def vlm(self, cfgs: Any, log_dir: Path) -> Any:
+        """A local Ray is this machine: one vLLM in the driver, started while Ray starts. On a cluster,
+        one vLLM actor per node."""
+        if self.local:
+            from pipeline.batch.local import LocalVLM
+
+            return LocalVLM(cfgs, log_dir / "vllm.log")
+        self.ready()
         self.vlm_handle = RayVLM(self, cfgs, log_dir)
         return self.vlm_handle
 
     def shutdown(self) -> None:
         if self._started:
-            _ray().shutdown()
+            try:
+                self.ready()
+                _ray().shutdown()
+            except BaseException:  # noqa: BLE001 - nothing (more) to shut down
+                pass
+        self._release.set()
 
 
 def _pythonpath() -> str:

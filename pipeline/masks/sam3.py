@@ -25,6 +25,8 @@ How it differs from the reference system, which calls `set_image` + `set_text_pr
   is dropped when it overlaps a kept one by mask IoU >= `dedup_iou` (any phrase), or, within one
   phrase, by intersection over the smaller mask > `dedup_iom` (upstream's agent rule,
   sam3/agent/helpers/mask_overlap_removal.py:71-116, applied per phrase in agent/client_sam3.py:85).
+- The photo goes to the GPU through pinned memory without blocking (a 12 MP pageable copy blocked
+  the host and drained the GPU's queue).
 - Masks are upsampled from the model's 288x288 logits to the photo's size only for the objects
   that are kept, thresholded and packed to bits on the GPU, and only the bits are copied to the
   host (a 4000x3000 mask is 1.5 MB of bits instead of 12 MB of bools).
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -74,7 +77,16 @@ SAM3_PIP_NAMES = {
 BOX_ONLY_TEXT = "visual"  # the text Sam3Processor uses when a prompt has a box and no phrase
 IOU_MAX_SIDE = 1024  # masks are compared at most this large: enough for IoU, cheap on 12 MP photos
 UPSAMPLE_BATCH = 8  # masks upsampled to the photo's size at once (8 x 4000x3000 fp32 = 384 MB)
-UNPACK_THREADS = 8  # host threads unpacking mask bits
+UNPACK_THREADS = 16  # at most this many host threads unpack mask bits (never more than the cores)
+_unpack_pool: ThreadPoolExecutor | None = None  # created on first use, kept for the process (idle threads cost nothing)
+
+
+def _unpack_executor() -> ThreadPoolExecutor:
+    """The process's mask-unpacking threads (starting 8-16 threads per photo cost about a millisecond)."""
+    global _unpack_pool
+    if _unpack_pool is None:
+        _unpack_pool = ThreadPoolExecutor(max_workers=max(1, min(UNPACK_THREADS, os.cpu_count() or 1)), thread_name_prefix="sam3-unpack")
+    return _unpack_pool
 
 
 # --------------------------------------------------------------------------------------------
@@ -562,9 +574,17 @@ class Sam3Segmenter:
 
         self.load()
         image = require_rgb_image(image, "SAM3")
-        # (3, H, W) uint8 view of the (H, W, 3) array (no CPU copy): Sam3Processor.set_image reads
-        # H, W from the last two axes, moves it to the GPU and resizes there (cheap for 12 MP).
-        chw = torch.from_numpy(image).permute(2, 0, 1)
+        # (3, H, W) uint8 view of the (H, W, 3) array: Sam3Processor.set_image reads H, W from the
+        # last two axes, moves it to the device and resizes there (cheap for 12 MP).
+        hwc = torch.from_numpy(image)
+        if str(self.device).startswith("cuda"):
+            # Through pinned memory and non-blocking: a pageable copy (36 MB for 12 MP) is staged by
+            # the driver and `.to()` then waits for the GPU to drain the text encoder; this one is
+            # queued behind it. The same (3, H, W) strides reach the processor as with `.to()`.
+            pinned = torch.empty(hwc.shape, dtype=torch.uint8, pin_memory=True)
+            pinned.copy_(hwc)
+            hwc = pinned.to(self.device, non_blocking=True)
+        chw = hwc.permute(2, 0, 1)
         with self._upstream_context(), torch.inference_mode(), autocast_context(self.device, self.cfg.dtype):
             return self.processor.set_image(chw)
 
@@ -621,10 +641,20 @@ class Sam3Segmenter:
                         batch = max(1, batch // 2)
                         log.warning("SAM3: out of GPU memory; grounding %d phrases at a time from now on", batch)
                         continue
+                    picked: list[list[int]] = []
                     for j, i in enumerate(order[start:stop]):
-                        queries = [int(q) for q in choose(i, scores[j], boxes[j])] if choose is not None else []
-                        chosen = masks[j, queries].float().clone()  # (len(queries), 288, 288)
-                        results[i] = {"scores": scores[j], "boxes": boxes[j], "queries": queries, "mask_logits": chosen}
+                        picked.append([int(q) for q in choose(i, scores[j], boxes[j])] if choose is not None else [])
+                    # Every chosen mask of the batch in one gather (a list index per phrase costs a
+                    # blocking index copy and three launches each); slices of one float32 copy.
+                    flat = [j * masks.shape[1] + q for j, queries in enumerate(picked) for q in queries]
+                    index = torch.tensor(flat, dtype=torch.long).to(masks.device, non_blocking=True)
+                    chosen = masks.flatten(0, 1).index_select(0, index).float()  # (sum of kept, 288, 288)
+                    at = 0
+                    for j, i in enumerate(order[start:stop]):
+                        queries = picked[j]
+                        mask_logits = chosen[at : at + len(queries)]  # (len(queries), 288, 288)
+                        at += len(queries)
+                        results[i] = {"scores": scores[j], "boxes": boxes[j], "queries": queries, "mask_logits": mask_logits}
                     del masks
                     start = stop
         assert all(r is not None for r in results)
@@ -727,8 +757,7 @@ class Sam3Segmenter:
         if k == 1:
             return [unpack(0)], boxes
         # np.unpackbits releases the GIL: unpack (and page in) the masks on several cores.
-        with ThreadPoolExecutor(max_workers=min(k, UNPACK_THREADS)) as pool:
-            return list(pool.map(unpack, range(k))), boxes
+        return list(_unpack_executor().map(unpack, range(k))), boxes
 
     # -- the Segmenter protocol -----------------------------------------------------------
 

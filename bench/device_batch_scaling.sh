@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED=1
 if [ ! -f "$site/.batch-scaling-ready" ]; then
   t0=$(date +%s)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl .whl-ray/*.whl || exit 3
-  tar -xJf .whl-ray/ray312-core.tar.xz -C "$site" || exit 3
+  python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' .whl-ray/ray312-core.tar.xz "$site" || exit 3
   touch "$site/.batch-scaling-ready"
   echo "installed in $(( $(date +%s) - t0 )) s"
 fi
@@ -48,4 +48,9 @@ timeout "${BENCH_TIMEOUT:-480}" python3 bench/batch_scaling.py --photos "${PHOTO
 rc=$?
 cp /tmp/bs/batch_scaling.md /tmp/bs/batch_scaling.json "$out/" 2>/dev/null
 for f in /tmp/bs/batch-*.log; do [ -f "$f" ] && tail -c 200000 "$f" > "$out/$(basename "$f")"; done
+if [ "$rc" != 0 ]; then  # the workers' and Ray's own logs, for the reason
+  { for f in /tmp/bs/out-*/logs/*.log /tmp/ray/session_latest/logs/worker-*.err /tmp/ray/session_latest/logs/raylet.err; do
+      [ -s "$f" ] && { echo "== $f"; tail -n 40 "$f"; }
+    done; } > "$out/failure_logs.txt" 2>/dev/null
+fi
 exit $rc

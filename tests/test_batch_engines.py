@@ -309,3 +309,15 @@ def test_ray_engine_on_a_two_node_cluster(photos: Path, tmp_path: Path, monkeypa
     stats = read_stats(tmp_path / "vllm" / "stats.jsonl")
     assert 1 <= server_starts(stats) <= 2, "at most one vLLM server per node"
     assert sum(1 for e in stats if e["event"] == "chat") == N_PHOTOS
+
+
+def test_ray_engine_without_ray_is_one_line_naming_the_install(photos: Path, tmp_path: Path):
+    """An interpreter without Ray: exit 3 and one line that says how to get it (envs/requirements-ray.txt)."""
+    blocker = tmp_path / "no_ray"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['ray'] = None  # `import ray` raises ImportError\n")
+    env = {"PYTHONPATH": f"{blocker}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = run_batch(photos, tmp_path / "out", "--profile", "lite", *FAST, "--engine", "ray", env=env, timeout=120)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "requirements-ray.txt" in errors[0], proc.stderr[-2000:]

@@ -254,3 +254,38 @@ def test_real_worker_that_cannot_load_its_model_fails_its_start(tmp_path: Path):
     with pytest.raises(WorkerStartError) as err:
         w.start()
     assert err.value.exit_code == 3 and "sam3" in str(err.value) and "Fix:" in str(err.value)
+
+
+def test_worker_exits_when_the_process_that_started_it_dies(tmp_path: Path):
+    """kill -9 of the driver (or of the Ray actor owning the worker): the worker exits even while its
+    stdin stays open elsewhere (here the test holds the pipe), e.g. while it is still loading models."""
+    import subprocess
+
+    read_fd, write_fd = os.pipe()
+    pid_file = tmp_path / "worker.pid"
+    parent_code = (
+        "import subprocess, sys, time, os\n"
+        f"p = subprocess.Popen([sys.executable, '-m', 'pipeline', 'worker', '--stage', 'stage1', '--profile=lite'], stdin={read_fd}, "
+        f"pass_fds=({read_fd},), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd={str(ROOT)!r})\n"
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], pass_fds=(read_fd,), env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        worker = int(pid_file.read_text())
+        time.sleep(1.0)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 15
+        while Path(f"/proc/{worker}").exists() and "zombie" not in Path(f"/proc/{worker}/status").read_text().lower():
+            assert time.monotonic() < deadline, "the worker outlived the process that started it"
+            time.sleep(0.2)
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+        if parent.poll() is None:
+            parent.kill()

@@ -150,8 +150,25 @@ def _protocol_out() -> BinaryIO:
     return out
 
 
+def _exit_with_parent(interval: float = 0.5) -> None:
+    """Exit at once when the process that started this worker dies (the driver, or the Ray actor
+    owning it, killed with -9): a watchdog thread, running from before the models load, so a worker
+    still loading cannot outlive it. (The end of stdin says the same, but only once the loop reads it.)"""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent:
+                print("the process that started this worker is gone; exiting now", file=sys.stderr, flush=True)
+                os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
 def worker_main(stage: str, concurrency: int, cfgs: Any) -> int:
     """Run the worker loop until {"op": "exit"} or end of stdin. Returns the exit code."""
+    _exit_with_parent()
     out = _protocol_out()
     write_lock = threading.Lock()
 

@@ -206,6 +206,7 @@ def test_photo_that_keeps_killing_its_worker_is_marked_failed(tmp_path: Path):
 # ---------------------------------------------------------------- the driver killed mid-batch, then resumed
 
 
+@pytest.mark.slow
 def test_driver_killed_mid_batch_resumes_without_losing_anything(tmp_path: Path):
     photos = tmp_path / "photos"
     n = 6
@@ -247,6 +248,7 @@ def test_driver_killed_mid_batch_resumes_without_losing_anything(tmp_path: Path)
     assert not temp_files(out), f"temporary files left: {temp_files(out)[:5]}"
 
 
+@pytest.mark.slow
 def test_driver_killed_during_stage_2_keeps_finished_photos(tmp_path: Path):
     photos = tmp_path / "photos"
     n = 6

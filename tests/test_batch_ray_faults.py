@@ -74,3 +74,26 @@ def test_killed_stage_actor_is_restarted_and_its_photos_finish(tmp_path: Path):
     for row in batch["photos"]:
         assert row["status"] == "done" and (root / row["run_dir"] / "scene" / "scene.ply").is_file()
     assert not list(root.rglob(".tmp-*"))
+
+
+def test_prewarmed_pool_that_cannot_be_placed_names_the_gpus_it_asks_for(tmp_path: Path):
+    """A pool opened without waiting (stage 2's, created during stage 1) and never placed: the error
+    raised when the driver waits for it later names what each actor asked for, not 0 GPUs."""
+    from pipeline.batch.protocol import WorkerSpec
+    from pipeline.batch.ray_engine import RayEngine
+    from pipeline.core.config import BatchConfig
+    from pipeline.core.errors import BackendError
+
+    engine = RayEngine(BatchConfig(engine="ray", stage2_gpus=64.0))
+    try:
+        spec = WorkerSpec(stage="stage2", flags=[], python=sys.executable, ready_timeout=2.0, log_dir=tmp_path)
+        pool = engine.open_pool(spec, 1, wait=False)
+        try:
+            with pytest.raises(BackendError) as caught:
+                pool.wait_started()
+        finally:
+            pool.kill()
+    finally:
+        engine.shutdown()
+    text = str(caught.value)
+    assert "each asks for 64 GPU(s)" in text and "\n" not in text, text

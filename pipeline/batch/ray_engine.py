@@ -104,6 +104,7 @@ class RayPool:
         self.spec = spec
         self.max_tries = spec.max_attempts
         self.cpus = engine.bcfg.worker_cpus
+        self.gpus = num_gpus
         remote = ray.remote(StageActor)
         nodes = sorted(node_env) if node_env else []
         self.actors: list[dict[str, Any]] = []
@@ -134,7 +135,7 @@ class RayPool:
         self.thread = threading.Thread(target=self._dispatch, name=f"ray-{spec.stage}-dispatch", daemon=True)
         self.thread.start()
 
-    def wait_started(self, num_gpus: float = 0.0) -> None:
+    def wait_started(self) -> None:
         """Block until one actor is ready; raise the start error if every one failed, or if none
         could even be placed (e.g. more GPUs asked per worker than any node has) in time."""
         deadline = time.monotonic() + self.spec.ready_timeout
@@ -152,7 +153,7 @@ class RayPool:
                     )
                 if time.monotonic() > deadline:
                     raise BackendError(
-                        f"no {self.spec.stage} Ray actor was ready after {self.spec.ready_timeout:g} s (each asks for {num_gpus:g} GPU(s) "
+                        f"no {self.spec.stage} Ray actor was ready after {self.spec.ready_timeout:g} s (each asks for {self.gpus:g} GPU(s) "
                         f"and {self.cpus:g} CPU(s); the cluster has {_ray().cluster_resources()}).",
                         f"lower --{self.spec.stage}-gpus / --worker-cpus, add nodes, or raise --worker-ready-timeout; see ROOT/logs/.",
                     )
@@ -443,7 +444,7 @@ class RayEngine:
         pool = RayPool(self, spec, n, num_gpus=gpus, node_env=node_env)
         if wait:
             try:
-                pool.wait_started(gpus)
+                pool.wait_started()
             except BaseException:
                 pool.kill()
                 raise

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,29 +71,33 @@ def _sam3d_usable(cfg: LifterConfig) -> tuple[bool, str]:
     return True, "sam-3d-objects checkout, checkpoints and a CUDA GPU are present"
 
 
+def choose_planner(
+    run: RunConfig, planner: PlannerConfig, server: VLMServerConfig, *, has_gpu: Callable[[], bool] | None = None
+) -> tuple[str, str]:
+    """('vlm' or 'none', why). An explicit --vlm-url is a request to use it, in every profile.
+    `has_gpu`: whether a CUDA GPU is there for vLLM (a batch driver counts its engine's GPUs instead
+    of asking its own torch; default: cuda_available), asked only when the profile leaves it to the machine."""
+    if planner.planner != "auto":
+        return planner.planner, "--planner flag"
+    if planner.vlm_url:
+        return "vlm", f"--vlm-url {planner.vlm_url}"
+    if run.profile == "lite":
+        return "none", "profile lite: the classical segmenter finds objects itself"
+    if run.profile == "full":
+        return "vlm", "profile full: start vLLM"
+    if shutil.which(server.vllm_command) and (has_gpu or cuda_available)():
+        return "vlm", f"'{server.vllm_command}' found and a CUDA GPU is present"
+    return "none", f"no --vlm-url, and '{server.vllm_command}' or a CUDA GPU is missing"
+
+
 def choose_backends(
     run: RunConfig, planner: PlannerConfig, server: VLMServerConfig, seg: SegmenterConfig, lifter: LifterConfig
 ) -> BackendChoice:
     reasons: dict[str, str] = {}
     profile = run.profile
 
-    # Planner: an explicit --vlm-url is a request to use it, in every profile.
-    start_server = False
-    if planner.planner != "auto":
-        plan_name, reasons["planner"] = planner.planner, "--planner flag"
-    elif planner.vlm_url:
-        plan_name, reasons["planner"] = "vlm", f"--vlm-url {planner.vlm_url}"
-    elif profile == "lite":
-        plan_name, reasons["planner"] = "none", "profile lite: the classical segmenter finds objects itself"
-    elif profile == "full":
-        plan_name, reasons["planner"] = "vlm", "profile full: start vLLM"
-    elif shutil.which(server.vllm_command) and cuda_available():
-        plan_name, reasons["planner"] = "vlm", f"'{server.vllm_command}' found and a CUDA GPU is present"
-    else:
-        plan_name = "none"
-        reasons["planner"] = f"no --vlm-url, and '{server.vllm_command}' or a CUDA GPU is missing"
-    if plan_name == "vlm" and not planner.vlm_url:
-        start_server = True
+    plan_name, reasons["planner"] = choose_planner(run, planner, server)
+    start_server = plan_name == "vlm" and not planner.vlm_url
 
     # Segmenter.
     if seg.segmenter != "auto":

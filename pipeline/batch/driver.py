@@ -27,6 +27,7 @@ from pipeline.batch.photos import Photo, find_photos
 from pipeline.batch.protocol import WorkerSpec, config_argv, config_env
 from pipeline.core.atomic import TMP_PREFIX
 from pipeline.core.errors import InputError, describe
+from pipeline.selection import choose_planner
 
 STAGE_NAMES = {"stage1": "stage 1", "stage2": "stage 2"}
 
@@ -283,23 +284,10 @@ class _Batch:
             log_dir=self.root / "logs",
         )
 
-    def _planner(self) -> str:
-        """'vlm' or 'none' for every stage 1 worker, decided once here. The rule of
-        pipeline.selection.choose_backends, except that GPUs are counted by the engine (nvidia-smi,
-        or Ray's resources) instead of torch: the driver's env may hold a CPU torch, or none."""
-        import shutil
-
-        c = self.cfgs
-        if c.planner.planner != "auto":
-            return c.planner.planner
-        if c.planner.vlm_url:
-            return "vlm"
-        if c.run.profile in ("lite", "full"):
-            return "none" if c.run.profile == "lite" else "vlm"
-        return "vlm" if shutil.which(c.server.vllm_command) and self.engine.has_gpus() else "none"
-
     def _stage1(self, todo: list[int]) -> None:
-        planner = self._planner()
+        # 'vlm' or 'none' for every stage 1 worker, decided once here, with GPUs counted by the
+        # engine (nvidia-smi, or Ray's resources): the driver's env may hold a CPU torch, or none.
+        planner, _ = choose_planner(self.cfgs.run, self.cfgs.planner, self.cfgs.server, has_gpu=self.engine.has_gpus)
         # Workers get the decision as a flag, so none of them decides otherwise in its own env.
         self.cfgs.planner.planner = planner  # type: ignore[assignment]
         env: dict[str, str] = {}

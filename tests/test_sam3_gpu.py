@@ -25,17 +25,6 @@ from pipeline.masks import sam3 as S  # noqa: E402
 PHRASES = ["red mug", "wooden table", "laptop", "potted plant", "blue book", "glass bottle"]
 
 
-def _photo(h: int, w: int, seed: int = 0) -> np.ndarray:
-    """A deterministic photo-like image: a smooth background and a few filled shapes."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    img = np.stack([120 + 60 * xx / w, 110 + 50 * yy / h, 140 - 40 * xx / w], -1)
-    for _ in range(6):
-        cx, cy, r = rng.uniform(0.15, 0.85) * w, rng.uniform(0.15, 0.85) * h, rng.uniform(0.05, 0.15) * min(h, w)
-        img[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = rng.integers(0, 255, 3)
-    return np.clip(img, 0, 255).astype(np.uint8)
-
-
 @pytest.fixture(scope="module")
 def seg():
     if not torch.cuda.is_available():
@@ -51,7 +40,7 @@ def seg():
 def test_full_path_photo_to_masks_folder(seg, tmp_path):
     from pipeline.masks.store import read_masks, write_masks
 
-    image = _photo(768, 1024)
+    image = C.photo(768, 1024)
     plan = Plan(items=[PlanItem(p) for p in PHRASES[:4]] + [PlanItem("bowl", (100.0, 120.0, 400.0, 380.0))])
     calls = {"image": 0, "text": 0}
     backbone = seg.model.backbone
@@ -103,7 +92,7 @@ def test_batched_grounding_matches_set_text_prompt_one_phrase_at_a_time(seg):
     from PIL import Image
     from sam3.model.sam3_image_processor import Sam3Processor
 
-    image = _photo(480, 640, seed=1)
+    image = C.photo(480, 640, seed=1)
     items = [PlanItem(p) for p in PHRASES] + [PlanItem("mug", (50.0, 60.0, 250.0, 300.0)), PlanItem("book", (300.0, 100.0, 600.0, 400.0))]
     phrases, boxes, _ = S._prompts(items, 640, 480)
     tf32 = torch.backends.cuda.matmul.allow_tf32
@@ -138,7 +127,7 @@ def test_batched_grounding_matches_set_text_prompt_one_phrase_at_a_time(seg):
 
 
 def test_large_photo_4000x3000_bf16_bounded_memory(seg):
-    image = _photo(3000, 4000, seed=2)
+    image = C.photo(3000, 4000, seed=2)
     plan = Plan(items=[PlanItem(p) for p in (PHRASES * 2)[:12]])
     seg.cfg.dtype = "bfloat16"
     torch.cuda.synchronize()

@@ -61,10 +61,6 @@ def run_rel_for(rel: str) -> str:
     return "/".join([*folders, leaf])
 
 
-def _hidden(rel_parts: tuple[str, ...]) -> bool:
-    return any(part.startswith(".") for part in rel_parts)
-
-
 def _from_folder(root: Path, exclude: list[Path]) -> list[Photo]:
     exts = image_extensions()
     found: list[Photo] = []

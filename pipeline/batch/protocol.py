@@ -438,8 +438,6 @@ def _log_tail(path: Path | None) -> str:
     return lines[-1][:300] if lines else ""
 
 
-
-
 @dataclasses.dataclass
 class WorkerSpec:
     """Everything an engine needs to start one stage's workers (the same for every engine)."""

@@ -60,8 +60,6 @@ VISION_UNIT = 32
 """Qwen3-VL: 16-pixel patches merged 2x2, so image sides are rounded to multiples of 32."""
 RUNTIME_OVERHEAD_GIB = 3.0
 """Beyond weights and KV cache: CUDA context, profiling peak, sampler and CUDA graphs (estimate)."""
-VLLM_ONLY_FLAGS = ("--api-key", "--allowed-local-media-path")
-"""Flags --vllm-arg must not carry (the key travels in the environment; no file access)."""
 
 
 class ServerStartError(BackendError):

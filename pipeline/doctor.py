@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.core.config import LifterConfig, SegmenterConfig, VLMServerConfig
+from pipeline.core.device import nvidia_smi
 from pipeline.core.hub import hf_token
 from pipeline.selection import sam3d_root
 
@@ -207,20 +208,6 @@ def probe_env(python: Path, imports: list[str], dists: list[str], *, extra_env: 
         tail = proc.stderr.strip().splitlines()[-1:] or [""]
         return EnvReport({}, {}, crash=f"{how} while importing {at[-1] if at else '(before any import)'} {tail[0][:200]}".strip())
     return EnvReport(data["imports"], data["dists"], data.get("machine", ""), tuple(data["torch"]) if data.get("torch") else None, data.get("vllm"))
-
-
-def nvidia_smi(*fields: str) -> list[list[str]]:
-    """One row per GPU of `nvidia-smi --query-gpu=FIELDS` (no torch needed); [] without a driver."""
-    smi = shutil.which("nvidia-smi")
-    if not smi:
-        return []
-    try:
-        out = subprocess.run([smi, f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    if out.returncode != 0:
-        return []
-    return [[cell.strip() for cell in line.split(",")] for line in out.stdout.strip().splitlines() if line.strip()]
 
 
 def gpus() -> list[tuple[str, float]]:

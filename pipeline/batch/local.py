@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import os
 import queue
-import shutil
-import subprocess
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from pipeline.batch.protocol import WorkerProcess, WorkerSpec, WorkerStartError
+from pipeline.core.device import nvidia_smi
 
 
 def visible_gpus(worker_gpus: str | None) -> list[str]:
@@ -27,14 +26,7 @@ def visible_gpus(worker_gpus: str | None) -> list[str]:
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
         return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return []
-    try:
-        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [str(i) for i, line in enumerate(ln for ln in out.splitlines() if ln.startswith("GPU "))]
+    return [cells[0] for cells in nvidia_smi("index", timeout=20) if cells and cells[0]]
 
 
 class LocalPool:

@@ -4,12 +4,32 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import subprocess
 import sys
 from collections.abc import MutableMapping
 
 # Set by pin_cuda_device to the --device it pinned, so a second call (and a child process, which
 # inherits the narrowed CUDA_VISIBLE_DEVICES) answers cuda:0 for it again.
 PINNED_DEVICE_ENV = "SAM3DGS_PINNED_DEVICE"
+
+
+def nvidia_smi(*fields: str, ids: str | None = None, timeout: float = 30) -> list[list[str]]:
+    """One row of cells per GPU of `nvidia-smi --query-gpu=FIELDS [-i IDS]`, no torch needed (the
+    light env, the doctor, a batch driver); [] without a driver or when nvidia-smi fails."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return []
+    argv = [smi, f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"]
+    if ids:
+        argv += ["-i", ids]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if out.returncode != 0:
+        return []
+    return [[cell.strip() for cell in line.split(",")] for line in out.stdout.strip().splitlines() if line.strip()]
 
 
 def pick_device(requested: str = "auto") -> str:

@@ -42,6 +42,7 @@ from types import FrameType
 from typing import Any
 
 from pipeline.core.config import VLMServerConfig
+from pipeline.core.device import nvidia_smi
 from pipeline.core.errors import BackendError, InputError, missing_dependency
 from pipeline.core.hub import hf_token, hub_error
 
@@ -151,29 +152,20 @@ def max_pixels_for(max_image_side: int) -> int:
     return side * side
 
 
-def visible_gpu_memory(cfg: VLMServerConfig, *, command: str = "nvidia-smi") -> list[tuple[float, float]] | None:
+def visible_gpu_memory(cfg: VLMServerConfig) -> list[tuple[float, float]] | None:
     """(total GiB, free GiB) of each GPU vLLM will use, from nvidia-smi; None if it cannot tell.
 
     The GPUs are --gpus, else CUDA_VISIBLE_DEVICES, else the first --tensor-parallel-size ones.
     """
-    ids = cfg.gpus or os.environ.get("CUDA_VISIBLE_DEVICES") or ""
-    argv = [command, "--query-gpu=memory.total,memory.free", "--format=csv,noheader,nounits"]
-    if ids.strip():
-        argv += ["-i", ids.strip()]
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if proc.returncode != 0:
-        return None
+    ids = (cfg.gpus or os.environ.get("CUDA_VISIBLE_DEVICES") or "").strip()
     rows = []
-    for line in proc.stdout.splitlines():
+    for cells in nvidia_smi("memory.total", "memory.free", ids=ids or None, timeout=20):
         try:
-            total, free = (float(v) / 1024.0 for v in line.split(","))  # MiB -> GiB
+            total, free = (float(v) / 1024.0 for v in cells)  # MiB -> GiB
         except ValueError:
             continue
         rows.append((total, free))
-    if not ids.strip():
+    if not ids:
         rows = rows[: max(1, cfg.tensor_parallel_size)]
     return rows or None
 

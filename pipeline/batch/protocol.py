@@ -105,6 +105,11 @@ def project_root() -> Path:
     return Path(__file__).resolve().parents[2]
 
 
+def project_pythonpath(current: str | None) -> str:
+    """PYTHONPATH for a process that runs `python -m pipeline`: the project first, then `current`."""
+    return str(project_root()) + (os.pathsep + current if current else "")
+
+
 # ---------------------------------------------------------------- driver side
 
 
@@ -198,8 +203,7 @@ class WorkerProcess:
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(self.extra_env)
-        root = str(project_root())
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env["PYTHONPATH"] = project_pythonpath(env.get("PYTHONPATH"))
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 

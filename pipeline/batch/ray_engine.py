@@ -25,7 +25,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from pipeline.batch.protocol import WorkerSpec, WorkerStartError, project_root
+from pipeline.batch.protocol import WorkerSpec, WorkerStartError, project_pythonpath
 from pipeline.core.errors import BackendError, PipelineError, describe, missing_dependency
 
 ACTOR_MAX_RESTARTS = 2
@@ -370,7 +370,7 @@ class RayEngine:
                 address=self.address,
                 include_dashboard=False,
                 log_to_driver=False,  # workers log to ROOT/logs/ and the run folders
-                runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}},
+                runtime_env={"env_vars": {"PYTHONPATH": project_pythonpath(os.environ.get("PYTHONPATH"))}},
             )
         except BaseException as exc:  # noqa: BLE001 - raised in the driver's thread by ready()
             self._init_error = exc
@@ -469,10 +469,4 @@ class RayEngine:
             except BaseException:  # noqa: BLE001 - nothing (more) to shut down
                 pass
         self._release.set()
-
-
-def _pythonpath() -> str:
-    root = str(project_root())
-    current = os.environ.get("PYTHONPATH")
-    return root + (os.pathsep + current if current else "")
 

@@ -26,7 +26,9 @@ from pipeline.batch import manifest as M
 from pipeline.batch.photos import Photo, find_photos
 from pipeline.batch.protocol import WorkerSpec, config_argv, config_env
 from pipeline.core.atomic import TMP_PREFIX
+from pipeline.core.config import to_record
 from pipeline.core.errors import InputError, describe
+from pipeline.core.runfolder import RunPaths
 from pipeline.selection import choose_planner
 
 STAGE_NAMES = {"stage1": "stage 1", "stage2": "stage 2"}
@@ -172,7 +174,7 @@ class _Batch:
         self.manifest = M.BatchManifest(
             root,
             engine=bcfg.engine,
-            config={"batch": _record(bcfg), **cfgs.record()},
+            config={"batch": to_record(bcfg), **cfgs.record()},
             versions=versions(),
             rows=[M.PhotoRow(str(p.path), p.run_rel) for p in photos],
             images=str(bcfg.images) if bcfg.images is not None else None,
@@ -199,8 +201,8 @@ class _Batch:
     def _refresh_row(self, i: int) -> None:
         row, recs = self.manifest.rows[i], self.records[i]
         row.status = M.photo_status(self.stages, recs)
-        last = next((recs[s] for s in reversed(self.stages) if recs.get(s) is not None), None)
         row.stage = next((s for s in reversed(self.stages) if recs.get(s) is not None), None)
+        last = recs[row.stage] if row.stage else None
         row.error = next((recs[s].get("error") for s in self.stages if recs.get(s) and recs[s].get("error")), None)
         row.objects = int(last.get("objects", 0)) if last else 0
         row.seconds = sum(float(recs[s].get("seconds") or 0) for s in self.stages if recs.get(s))
@@ -218,7 +220,7 @@ class _Batch:
         if "stage1" in self.stages:
             rec = self.records[i].get("stage1")
             return rec is not None and rec.get("status") == "done"
-        return (self.run_dir(i) / "masks" / "masks.json").is_file()
+        return RunPaths(self.run_dir(i)).masks_json.is_file()
 
     # ---- the run
 
@@ -305,6 +307,9 @@ class _Batch:
             self._pipelined(todo, spec, n)
             return
         self._run_stage("stage1", todo, spec=spec, n=n, prewarm="stage2" in self.stages)
+        self._stop_vlm()
+
+    def _stop_vlm(self) -> None:
         if self.vlm is not None:
             self.vlm.stop()
             self.vlm = None
@@ -362,9 +367,7 @@ class _Batch:
         self._close("stage2")
 
     def _stop_vlm_when_planned(self) -> None:
-        if self.vlm is not None:
-            self.vlm.stop()
-            self.vlm = None
+        self._stop_vlm()
         self._close("stage1")
 
     def _submit(self, pool: Any, stage: str, i: int) -> Future:
@@ -407,10 +410,8 @@ class _Batch:
             pool = self.pools.pop(stage)
             with contextlib.suppress(Exception):
                 pool.kill() if kill else pool.close()
-        if self.vlm is not None:
-            with contextlib.suppress(Exception):
-                self.vlm.stop()
-            self.vlm = None
+        with contextlib.suppress(Exception):
+            self._stop_vlm()
         if self.engine is not None:
             with contextlib.suppress(Exception):
                 self.engine.shutdown()
@@ -422,10 +423,3 @@ class _Batch:
             write_batch_index(self.root, [r.record() for r in self.manifest.rows])
         except Exception as exc:  # noqa: BLE001 - the index is a convenience; batch.json has it all
             self.log(f"batch: index.html not written: {describe(exc, with_type=True)}")
-
-
-def _record(cfg: Any) -> dict[str, Any]:
-    from pipeline.core.config import to_record
-
-    return to_record(cfg)
-

@@ -98,13 +98,6 @@ ensure_venv() {
   link_project_into_venv
 }
 
-# Ray for --engine ray: installed into the light venv on first use (never into the model envs).
-# Call after parse_common_args; does nothing unless the arguments ask for the Ray engine.
-ensure_ray_if_asked() {
-  [ "$(flag_value --engine)" = ray ] || return 0
-  ensure_venv "$SAM3DGS_ROOT/envs/requirements-ray.txt"
-}
-
 # Make `import pipeline` work in the venv from any folder: a .pth file naming this checkout
 # (the offline equivalent of an editable install).
 link_project_into_venv() {
@@ -177,7 +170,8 @@ run_batch() {
     fi
   fi
   if [ "$(flag_value --engine)" = ray ]; then
-    ensure_ray_if_asked  # Ray lives in the light venv only
+    # Ray lives in the light venv only (never in the model envs), installed on the first --engine ray.
+    ensure_venv "$SAM3DGS_ROOT/envs/requirements-ray.txt"
     driver="$SAM3DGS_VENV/bin/python"
   elif [ -z "$driver" ]; then
     resolve_stage_python any

@@ -53,6 +53,17 @@ def make_launchable(folder: Path) -> tuple[Path, Path]:
     return exe, model
 
 
+BEHAVIOUR_ENV = ("FAKE_VLLM_START_DELAY", "FAKE_VLLM_CRASH_AFTER", "FAKE_VLLM_IGNORE_TERM", "FAKE_VLLM_WORKER")
+"""The switches above that change how a start goes: a test's fixture clears them."""
+
+
+def server_config(exe: Path, model: Path, **fields: object):
+    """A VLMServerConfig that launches this stand-in (from `make_launchable`), `fields` on top."""
+    from pipeline.core.config import VLMServerConfig
+
+    return VLMServerConfig(**{"vlm_model_id": str(model), "vllm_command": str(exe), "ready_timeout": 10.0, **fields})  # type: ignore[arg-type]
+
+
 def log(message: str) -> None:
     print(f"INFO {time.strftime('%m-%d %H:%M:%S')} [fake_vllm] {message}", flush=True)
 

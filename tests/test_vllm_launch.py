@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fake_vllm import make_launchable
+from fake_vllm import BEHAVIOUR_ENV, make_launchable, server_config
 
 from pipeline.core.config import PlannerConfig, VLMServerConfig
 from pipeline.core.errors import BackendError, InputError
@@ -31,7 +31,7 @@ ROOT = TESTS.parent
 @pytest.fixture()
 def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
     exe, model = make_launchable(tmp_path)
-    for name in ("FAKE_VLLM_START_DELAY", "FAKE_VLLM_CRASH_AFTER", "FAKE_VLLM_IGNORE_TERM", "FAKE_VLLM_WORKER", "CUDA_VISIBLE_DEVICES"):
+    for name in (*BEHAVIOUR_ENV, "CUDA_VISIBLE_DEVICES"):
         monkeypatch.delenv(name, raising=False)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -48,16 +48,13 @@ def fake_smi(fake: dict, rows: list[tuple[int, int]]) -> None:
 
 
 def server(fake: dict, mode: str = "scene", max_image_side: int | None = 1280, **fields: object) -> VLLMServer:
-    values = {"vlm_model_id": str(fake["model"]), "vllm_command": str(fake["exe"]), "ready_timeout": 10.0}
-    values.update(fields)
-    return VLLMServer(VLMServerConfig(**values), fake["log"], mode=mode, max_image_side=max_image_side, poll_interval=0.05, stop_grace=2.0)  # type: ignore[arg-type]
+    cfg = server_config(fake["exe"], fake["model"], **fields)
+    return VLLMServer(cfg, fake["log"], mode=mode, max_image_side=max_image_side, poll_interval=0.05, stop_grace=2.0)
 
 
 def plain_server(fake: dict, **fields: object) -> VLLMServer:
     """Without the mode and image-size arguments (the defaults: query mode, 1280 pixels)."""
-    values = {"vlm_model_id": str(fake["model"]), "vllm_command": str(fake["exe"]), "ready_timeout": 10.0}
-    values.update(fields)
-    return VLLMServer(VLMServerConfig(**values), fake["log"], poll_interval=0.05, stop_grace=2.0)  # type: ignore[arg-type]
+    return VLLMServer(server_config(fake["exe"], fake["model"], **fields), fake["log"], poll_interval=0.05, stop_grace=2.0)
 
 
 def flag(argv: list[str], name: str) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fake_vllm import make_launchable
+from fake_vllm import BEHAVIOUR_ENV, make_launchable, server_config
 
 from pipeline.core.config import PlannerConfig, VLMServerConfig
 from pipeline.core.errors import BackendError, InputError
@@ -37,15 +37,13 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
     exe, model = make_launchable(tmp_path)
     pidfile = tmp_path / "pids"
     monkeypatch.setenv("FAKE_VLLM_PIDFILE", str(pidfile))
-    for name in ("FAKE_VLLM_START_DELAY", "FAKE_VLLM_CRASH_AFTER", "FAKE_VLLM_IGNORE_TERM", "FAKE_VLLM_WORKER"):
+    for name in BEHAVIOUR_ENV:
         monkeypatch.delenv(name, raising=False)
     return {"exe": exe, "model": model, "pidfile": pidfile, "log": tmp_path / "logs" / "vllm.log"}
 
 
 def config(fake: dict, **fields: object) -> VLMServerConfig:
-    values = {"vlm_model_id": str(fake["model"]), "vllm_command": str(fake["exe"]), "ready_timeout": 10.0}
-    values.update(fields)
-    return VLMServerConfig(**values)  # type: ignore[arg-type]
+    return server_config(fake["exe"], fake["model"], **fields)
 
 
 def server(fake: dict, **fields: object) -> VLLMServer:

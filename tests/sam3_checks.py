@@ -197,7 +197,16 @@ def constant_state(model, value: float = 0.5) -> dict:
 
 def check_strict_loading(model, tmp_path, caplog) -> dict:
     """Complete files in upstream's layouts load (and report their stats); a partial file, a missing
-    key or a size mismatch is a one-line BackendError, before any weight changes."""
+    key or a size mismatch is a one-line BackendError, before any weight changes. The model's own
+    weights are back afterwards (the checks load constant ones into it)."""
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        return _strict_loading_checks(model, tmp_path, caplog)
+    finally:
+        restore(model, saved)
+
+
+def _strict_loading_checks(model, tmp_path, caplog) -> dict:
     import logging
 
     state = constant_state(model)

@@ -81,10 +81,6 @@ def test_box_prompt_keeps_the_instance_in_the_box_not_the_top_score_end_to_end_o
 
 
 def test_strict_checkpoint_loading_with_the_real_key_set(seg, tmp_path, caplog):
-    saved = {k: v.clone() for k, v in seg.model.state_dict().items()}
-    try:
-        stats = C.check_strict_loading(seg.model, tmp_path, caplog)
-    finally:
-        C.restore(seg.model, saved)
+    stats = C.check_strict_loading(seg.model, tmp_path, caplog)
     print("load stats:", json.dumps(stats["official"]))
-    assert stats["official"]["loaded"] == len(saved) > 1000
+    assert stats["official"]["loaded"] == len(seg.model.state_dict()) > 1000

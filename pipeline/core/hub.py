@@ -9,12 +9,27 @@ from pathlib import Path
 from pipeline.core.errors import BackendError, PipelineError
 
 
+def hf_home() -> Path:
+    """huggingface_hub's HF_HOME, computed as its constants.py does (without importing it):
+    $HF_HOME, else $XDG_CACHE_HOME/huggingface, else ~/.cache/huggingface."""
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface")
+    return Path(os.path.expanduser(home))
+
+
+def hf_hub_cache() -> Path:
+    """huggingface_hub's model cache: $HF_HUB_CACHE, else HF_HOME/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.path.expanduser(os.environ["HF_HUB_CACHE"]))
+    return hf_home() / "hub"
+
+
 def hf_token() -> str | None:
-    """HF_TOKEN (or HUGGING_FACE_HUB_TOKEN), else a token saved by an earlier `hf auth login`; never prompts."""
+    """HF_TOKEN (or HUGGING_FACE_HUB_TOKEN), else a token saved by an earlier `hf auth login`
+    (where huggingface_hub keeps it: $HF_TOKEN_PATH, else HF_HOME/token); never prompts."""
     token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
     if token:
         return token
-    saved = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "token"
+    saved = Path(os.path.expanduser(os.environ.get("HF_TOKEN_PATH") or hf_home() / "token"))
     try:
         return saved.read_text().strip() or None
     except OSError:

@@ -39,7 +39,7 @@ import numpy as np
 from pipeline.core.atomic import write_json_atomic
 from pipeline.core.config import LifterConfig
 from pipeline.core.errors import BackendError, InputError, MissingDependencyError, PipelineError, describe
-from pipeline.core.hub import hf_token, hub_error
+from pipeline.core.hub import hf_hub_cache, hf_token, hub_error
 from pipeline.core.types import Gaussians, ObjectGaussians, ObjectMask, Pose
 
 HF_REPO_ID = "facebook/sam-3d-objects"
@@ -79,14 +79,6 @@ def torch_hub_dir() -> Path:
     """torch.hub's folder as torch.hub.get_dir() computes it, without importing torch:
     $TORCH_HOME/hub, else $XDG_CACHE_HOME/torch/hub, else ~/.cache/torch/hub."""
     home = os.environ.get("TORCH_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch")
-    return Path(os.path.expanduser(home)) / "hub"
-
-
-def hf_hub_cache() -> Path:
-    """huggingface_hub's cache: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.path.expanduser(os.environ["HF_HUB_CACHE"]))
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface")
     return Path(os.path.expanduser(home)) / "hub"
 
 

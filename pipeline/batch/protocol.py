@@ -357,7 +357,9 @@ class WorkerProcess:
         """Send one photo and wait for its answer (retrying after crashes). Raises WorkerStartError
         when the child cannot be (re)started."""
         if self._closed:
-            raise BackendError(f"the {self.stage} worker {self.name} is closed.", "")
+            raise BackendError(
+                f"the {self.stage} worker {self.name} was stopped before it got {image}.", "run the same batch command again: it finishes the rest."
+            )
         solo = False
         for attempt in range(1, self.max_attempts + 1):
             self._acquire(solo)

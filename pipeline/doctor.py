@@ -21,6 +21,7 @@ from pathlib import Path
 from pipeline.core.config import LifterConfig, SegmenterConfig, VLMServerConfig
 from pipeline.core.device import nvidia_smi
 from pipeline.core.hub import hf_token
+from pipeline.plan.server import SCENE_SHARE
 from pipeline.selection import sam3d_root
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,9 +54,6 @@ MINOR_COMPAT_FLOOR = {13: 580, 12: 525, 11: 450}
 QWEN3_VL_8B_WEIGHTS_GIB = 16.3
 QWEN3_VL_8B_KV_KIB_PER_TOKEN = 144
 VLLM_OVERHEAD_GIB = 4.0
-# vLLM's share of the GPU when --gpu-memory-utilization is not given, in scene mode (the default
-# mode: vLLM is stopped before SAM3 starts). Query mode runs both at once and needs their sum.
-SCENE_MODE_SHARE = 0.88
 # SAM3 image model: 840.5 M parameters kept in fp32 (3.1 GiB), plus about 0.3 GiB per phrase
 # grounded in one batch (9.5 GiB measured for 32 phrases in bf16, docs/PERFORMANCE.md), plus the
 # CUDA context and cuDNN workspace (about 1 GiB).
@@ -276,7 +274,7 @@ def vllm_gpu_need(server: VLMServerConfig) -> tuple[float, float, str] | None:
     if "qwen3-vl-8b" not in str(server.vlm_model_id).lower():
         return None
     given = getattr(server, "gpu_memory_utilization", None)
-    share = float(given) if isinstance(given, int | float) and given > 0 else SCENE_MODE_SHARE
+    share = float(given) if isinstance(given, int | float) and given > 0 else SCENE_SHARE  # scene mode's default: vLLM stops before SAM3
     tp = max(1, int(getattr(server, "tensor_parallel_size", 1) or 1))
     kv = server.max_model_len * QWEN3_VL_8B_KV_KIB_PER_TOKEN / 2**20
     need = (QWEN3_VL_8B_WEIGHTS_GIB + kv) / tp + VLLM_OVERHEAD_GIB

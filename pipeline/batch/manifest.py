@@ -87,12 +87,8 @@ def stage_record(run_dir: Path, stage: str, image: Path | None, key: str) -> dic
     """The photo's record for `stage` if it still holds: same key, same photo file (size and
     mtime), the stage's outputs present, and (stage 2) the masks it used unchanged. Else None."""
     paths = RunPaths(Path(run_dir))
-    try:
-        data = json.loads(paths.manifest.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    rec = (data.get("batch") or {}).get(stage)
-    if not isinstance(rec, dict) or rec.get("key") != key or not rec.get("final"):
+    rec = any_stage_record(run_dir, stage)
+    if rec is None or rec.get("key") != key or not rec.get("final"):
         return None
     if image is not None and rec.get("image_stamp") != file_stamp(image):
         return None

@@ -30,12 +30,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.stage1_sam3 import PHRASES, photo  # noqa: E402
+from bench.stage1_sam3 import KEPT, PHRASES, photo  # noqa: E402
 from pipeline.core.config import SegmenterConfig  # noqa: E402
 from pipeline.core.types import Plan, PlanItem  # noqa: E402
 from pipeline.masks.sam3 import Sam3Segmenter  # noqa: E402
-
-KEPT = {"confidence": 0.0, "max_masks_per_phrase": 1, "dedup_iou": 1.01, "dedup_iom": 1.01}
 
 
 def set_mode(cfg: SegmenterConfig, kept: bool, saved: dict) -> None:

@@ -15,6 +15,18 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+PROXY_VARS = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
+
+
+def set_proxy(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    """Every HTTP(S) proxy variable set to `url`, and no no_proxy exception: as on a network where
+    all traffic must go through a proxy (HPC, corporate)."""
+    for name in PROXY_VARS:
+        monkeypatch.setenv(name, url)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+
+
 def _cuda() -> bool:
     if importlib.util.find_spec("torch") is None:
         return False

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import set_proxy
 from fake_vllm import BEHAVIOUR_ENV, make_launchable, server_config
 
 from pipeline.core.config import PlannerConfig, VLMServerConfig
@@ -176,13 +176,7 @@ def test_stand_in_vllm_parses_like_the_real_one(fake: dict) -> None:
 
 def test_probe_and_planner_ignore_a_dead_proxy(fake: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """Behind http_proxy (HPC and corporate networks set it for the weight download), 127.0.0.1 is still reached directly."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.setenv(name, dead)
-    monkeypatch.delenv("no_proxy", raising=False)
-    monkeypatch.delenv("NO_PROXY", raising=False)
+    set_proxy(monkeypatch, f"http://127.0.0.1:{launcher.pick_free_port()}")  # nobody listens: a dead proxy
     fake_smi(fake, [H100])
     with plain_server(fake, ready_timeout=8.0) as srv:
         assert srv.ready_seconds is not None and srv.ready_seconds < 8.0

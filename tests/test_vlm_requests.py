@@ -6,11 +6,11 @@ A real openai client against real HTTP servers on 127.0.0.1 (tests/fake_openai_s
 from __future__ import annotations
 
 import json
-import socket
 import urllib.request
 
 import numpy as np
 import pytest
+from conftest import set_proxy
 from fake_openai_server import FakeOpenAIServer, Reply
 
 from pipeline.core.config import PlannerConfig
@@ -18,31 +18,17 @@ from pipeline.core.errors import BackendError, InputError
 from pipeline.core.types import ObjectMask
 from pipeline.plan import vlm
 from pipeline.plan.parse import parse_plan_text
+from pipeline.plan.server import pick_free_port
 from pipeline.plan.vlm import VLMPlanner
 
 KEY = "k-123"
 FAST = (0.01, 0.01)
-PROXY_VARS = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
 QWEN_ANSWER = json.dumps({"objects": [{"bbox_2d": [100, 100, 300, 400], "label": "mug"}, {"bbox_2d": [500, 200, 900, 700], "label": "laptop"}]})
 
 
 @pytest.fixture(scope="module")
 def photo() -> np.ndarray:
     return np.random.default_rng(1).integers(0, 255, (300, 400, 3), dtype=np.uint8)
-
-
-def closed_port() -> int:
-    """A port on 127.0.0.1 nobody listens on (a dead proxy)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def set_proxy(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
-    for name in PROXY_VARS:
-        monkeypatch.setenv(name, url)
-    monkeypatch.delenv("no_proxy", raising=False)
-    monkeypatch.delenv("NO_PROXY", raising=False)
 
 
 def planner(url: str, **cfg: object) -> VLMPlanner:
@@ -55,7 +41,7 @@ def planner(url: str, **cfg: object) -> VLMPlanner:
 
 
 def test_loopback_server_is_reached_despite_a_dead_proxy(photo: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
-    set_proxy(monkeypatch, f"http://127.0.0.1:{closed_port()}")
+    set_proxy(monkeypatch, f"http://127.0.0.1:{pick_free_port()}")  # nobody listens: a dead proxy
     with FakeOpenAIServer([Reply(content=QWEN_ANSWER)], api_key=KEY) as server:
         plan = planner(server.url).plan(photo)
         localhost = planner(f"http://localhost:{server.port}/v1").plan(photo)

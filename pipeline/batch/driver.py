@@ -27,6 +27,7 @@ from pipeline.batch.photos import Photo, find_photos
 from pipeline.batch.protocol import WorkerSpec, config_argv, config_env
 from pipeline.core.atomic import TMP_PREFIX
 from pipeline.core.config import to_record
+from pipeline.core.device import requested_device
 from pipeline.core.errors import InputError, describe
 from pipeline.core.runfolder import RunPaths
 from pipeline.selection import choose_planner
@@ -140,8 +141,8 @@ def run_batch(bcfg: Any, cfgs: Any, *, log: Callable[[str], None] = print, on_ro
     stages = _stages(bcfg.stage)
     if root.exists() and not root.is_dir():
         raise InputError(f"--out {root} is a file, not a folder.", "pass a new folder or the root of an earlier batch.")
-    device = cfgs.run.device if cfgs.run.device not in (None, "", "auto") else os.environ.get("SAM3DGS_DEVICE", "auto")
-    if str(device).startswith("cuda:"):
+    device = requested_device(cfgs.run.device)
+    if device.startswith("cuda:"):
         raise InputError(
             f"--device {device} (or SAM3DGS_DEVICE) picks one GPU for one photo; a batch spreads its workers over GPUs.",
             "drop --device (or use --device cuda), and choose GPUs with --worker-gpus or CUDA_VISIBLE_DEVICES.",

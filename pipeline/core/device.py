@@ -32,11 +32,17 @@ def nvidia_smi(*fields: str, ids: str | None = None, timeout: float = 30) -> lis
     return [[cell.strip() for cell in line.split(",")] for line in out.stdout.strip().splitlines() if line.strip()]
 
 
+def requested_device(device: str | None, environ: MutableMapping[str, str] | None = None) -> str:
+    """The device asked for: an explicit --device wins, then SAM3DGS_DEVICE, else 'auto'."""
+    if device not in (None, "", "auto"):
+        return device  # type: ignore[return-value]
+    return (os.environ if environ is None else environ).get("SAM3DGS_DEVICE") or "auto"
+
+
 def pick_device(requested: str = "auto") -> str:
     """Return 'cuda', 'cuda:N', 'mps' or 'cpu'. An explicit --device wins, then SAM3DGS_DEVICE, then
     detection. Imports torch lazily; without torch it is 'cpu'."""
-    if requested in (None, "", "auto"):
-        requested = os.environ.get("SAM3DGS_DEVICE") or "auto"
+    requested = requested_device(requested)
     if requested != "auto":
         return requested
     try:
@@ -72,7 +78,7 @@ def pin_cuda_device(device: str | None, environ: MutableMapping[str, str] | None
     CUDA_VISIBLE_DEVICES list is indexed (N-th entry), as torch would.
     """
     env = os.environ if environ is None else environ
-    requested = device if device not in (None, "", "auto") else (env.get("SAM3DGS_DEVICE") or "auto")
+    requested = requested_device(device, env)
     match = re.fullmatch(r"cuda:(\d+)", requested)
     if match is None:
         return device or "auto"

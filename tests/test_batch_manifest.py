@@ -26,6 +26,9 @@ def test_stage_keys_change_with_what_the_stage_depends_on_only():
     c = Configs()
     c.run.seed = 1
     assert M.stage_key("stage1", c) != k1 and M.stage_key("stage2", c) != k2
+    c = Configs()
+    c.segmenter.sam3_checkpoint = Path("finetuned.pt")  # other weights, other masks: stage 1 is redone
+    assert M.stage_key("stage1", c) != k1 and M.stage_key("stage2", c) == k2
 
 
 def _run(tmp_path: Path) -> tuple[Path, Path]:

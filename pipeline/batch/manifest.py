@@ -39,8 +39,9 @@ _STAGE_FIELDS = {
         "export": None,
     },
 }
-# Fields that change how fast or where a stage runs, never what it writes.
-_NOT_IN_KEY = {"masks", "sam3d_compile", "sam3d_min_gpu_gib", "sam3_phrase_batch", "sam3_checkpoint", "sam3_bpe"}
+# Fields that change how fast or where a stage runs, never what it writes. (--sam3-checkpoint is
+# not one of them: other weights give other masks, as in Stage1.input_key.)
+_NOT_IN_KEY = {"masks", "sam3d_compile", "sam3d_min_gpu_gib", "sam3_phrase_batch", "sam3_bpe"}
 
 
 def stage_key(stage: str, cfgs: Any) -> str:

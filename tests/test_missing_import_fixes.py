@@ -28,8 +28,14 @@ def test_a_missing_sam3_import_names_its_package(tmp_path: Path, monkeypatch, mo
     for name in [n for n in sys.modules if n == "sam3" or n.startswith("sam3.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, module, None)  # `import module` raises ModuleNotFoundError(name=module)
-    with pytest.raises(MissingDependencyError) as info:
-        S.Sam3Segmenter(SegmenterConfig(), device="cpu").load()
+    try:
+        with pytest.raises(MissingDependencyError) as info:
+            S.Sam3Segmenter(SegmenterConfig(), device="cpu").load()
+    finally:
+        # The fake sam3 and sam3.model just imported must not outlive the test (monkeypatch restores
+        # only the entries it removed): a later `import sam3.model...` would find this fake.
+        for name in [n for n in sys.modules if n == "sam3" or n.startswith("sam3.")]:
+            del sys.modules[name]
     text = str(info.value)
     assert f"'{module}'" in text and "'sam3' env" in text
     assert f"`pip install {package}`" in text

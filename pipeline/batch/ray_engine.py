@@ -345,6 +345,12 @@ class RayEngine:
         if self.local:
             # A local Ray we start: its raylet kills our actors' children even after an actor crash.
             os.environ.setdefault("RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper", "1")
+            # Its raylet inherits this process's environment and hands it to every worker it starts, so
+            # the actors find the project without a runtime_env: a job-level runtime_env makes the
+            # raylet start new workers through its runtime-env agent instead of taking the ones it
+            # prestarted (1.3 s more per actor start on 2 cores, docs/PERFORMANCE.md "Batches").
+            # up: ray/_private/services.py:994 (start_ray_process: os.environ.copy() for the raylet)
+            os.environ["PYTHONPATH"] = project_pythonpath(os.environ.get("PYTHONPATH"))
         self._started = not ray.is_initialized()
         self._init_error: BaseException | None = None
         self._init_done = threading.Event()
@@ -370,7 +376,8 @@ class RayEngine:
                 address=self.address,
                 include_dashboard=False,
                 log_to_driver=False,  # workers log to ROOT/logs/ and the run folders
-                runtime_env={"env_vars": {"PYTHONPATH": project_pythonpath(os.environ.get("PYTHONPATH"))}},
+                # A cluster's nodes do not have our environment: there the project's path travels with the job.
+                runtime_env=None if self.local else {"env_vars": {"PYTHONPATH": project_pythonpath(os.environ.get("PYTHONPATH"))}},
             )
         except BaseException as exc:  # noqa: BLE001 - raised in the driver's thread by ready()
             self._init_error = exc

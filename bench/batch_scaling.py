@@ -41,6 +41,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.core.runfolder import RunPaths  # noqa: E402 - after the sys.path line above
+
 FORCED = ["--confidence", "0", "--max-masks-per-phrase", "1", "--dedup-iou", "1.01", "--dedup-iom", "1.01", "--box-min-iou", "0"]
 
 
@@ -178,12 +180,8 @@ def run_batch(args, k: int, photos: Path, checkpoint: Path, boxes: list[str]) ->
     batch = json.loads((out / "batch.json").read_text())
     rows = batch["photos"]
     done = [r for r in rows if r["status"] == "done"]
-    s1 = [
-        (out / r["run_dir"] / "masks" / "masks.json").stat().st_mtime
-        for r in rows
-        if (out / r["run_dir"] / "masks" / "masks.json").exists()
-    ]
-    s2 = [(out / r["run_dir"] / "report.html").stat().st_mtime for r in done if (out / r["run_dir"] / "report.html").exists()]
+    s1 = [RunPaths(out / r["run_dir"]).masks_json.stat().st_mtime for r in rows if RunPaths(out / r["run_dir"]).masks_json.exists()]
+    s2 = [RunPaths(out / r["run_dir"]).report.stat().st_mtime for r in done if RunPaths(out / r["run_dir"]).report.exists()]
     r1, r2 = span_rate(s1), span_rate(s2)
     steady = 1 / (1 / r1 + 1 / r2) if r1 and r2 else None  # stage-major: a photo costs 1/r1 + 1/r2
     fixed = wall - len(done) / steady if steady else None  # starting Ray, loading models, stopping: not per photo

@@ -148,6 +148,19 @@ def batch_argv(images: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "pipeline", "batch", "--images", str(images), "--out", str(out), *map(str, extra)]
 
 
+def start_batch(images: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    """The batch driver started in the background (its stdout and stderr piped, text), for a test that
+    acts on it while it runs."""
+    return subprocess.Popen(
+        batch_argv(images, out, *extra),
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def run_batch(images: Path, out: Path, *extra: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         batch_argv(images, out, *extra), cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
@@ -228,5 +241,7 @@ def wait_for(predicate, timeout: float, interval: float = 0.1):
 
 
 def temp_files(root: Path) -> list[Path]:
-    """Temporary files the atomic writers leave if interrupted (pipeline/core/atomic.py names them .tmp-*)."""
-    return [p for p in root.rglob("*") if p.name.startswith(".tmp-")]
+    """Temporary files the atomic writers leave if interrupted (pipeline/core/atomic.py names them TMP_PREFIX*)."""
+    from pipeline.core.atomic import TMP_PREFIX
+
+    return [p for p in root.rglob("*") if p.name.startswith(TMP_PREFIX)]

@@ -30,6 +30,7 @@ from batch_fixture import (
     run_batch,
     server_starts,
     stand_in_vllm,
+    start_batch,
     temp_files,
     wait_for,
 )
@@ -136,14 +137,7 @@ def test_stage_worker_killed_mid_photo_is_restarted_and_the_photo_retried(tmp_pa
     flags, env = stand_in_vllm(tmp_path / "vllm", chat_delay=2.0)
     stats_path = tmp_path / "vllm" / "stats.jsonl"
     before = set(_stage_workers("stage1", tmp_path))
-    driver = subprocess.Popen(
-        batch_argv(photos, tmp_path / "out", *VLM_LITE, *FAST, *flags, "--vlm-concurrency", "1"),
-        cwd=ROOT,
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    driver = start_batch(photos, tmp_path / "out", *VLM_LITE, *FAST, *flags, "--vlm-concurrency", "1", env=env)
     try:
         # The first photo is in flight: its VLM request is being answered (2 s).
         assert wait_for(lambda: any(e["event"] == "chat" for e in read_stats(stats_path)), 120), "no VLM request arrived"
@@ -172,14 +166,7 @@ def test_photo_that_keeps_killing_its_worker_is_marked_failed(tmp_path: Path):
     flags, env = stand_in_vllm(tmp_path / "vllm", chat_delay=2.0)
     stats_path = tmp_path / "vllm" / "stats.jsonl"
     before = set(_stage_workers("stage1", tmp_path))
-    driver = subprocess.Popen(
-        batch_argv(photos, tmp_path / "out", *VLM_LITE, *FAST, *flags, "--max-attempts", "2"),
-        cwd=ROOT,
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    driver = start_batch(photos, tmp_path / "out", *VLM_LITE, *FAST, *flags, "--max-attempts", "2", env=env)
     killed: set[int] = set()
     try:
         # Every time a worker has the photo in flight, kill it (a photo that segfaults its worker).

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,6 +91,7 @@ class RunningRay:
                 pass
         if left:
             print(f"warning: {len(left)} process(es) of the running Ray outlived `ray start`'s SIGTERM; killed")
+        shutil.rmtree(self.temp, ignore_errors=True)
 
 
 def one_batch(photos: Path, work: Path, mode: str, chat_delay: float) -> tuple[float, dict]:

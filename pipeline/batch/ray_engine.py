@@ -392,7 +392,7 @@ class RayEngine:
         if self._init_error is not None:
             exc, self._init_error = self._init_error, None
             if isinstance(exc, ConnectionError):
-                raise BackendError(f"cannot reach the Ray cluster at {self.address}: {exc}.", "start it with `ray start --head` or fix --ray-address.") from exc
+                raise BackendError(f"cannot reach the Ray cluster at {self.address}: {exc}.", "start it with `ray start --head`, fix --ray-address, or export RAY_AUTH_MODE=token if the cluster uses token authentication (Ray 2.60's default once ~/.ray/auth_token exists).") from exc
             raise exc
 
     def nodes(self, *, gpu_only: bool = False) -> list[str]:

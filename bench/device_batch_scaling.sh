@@ -2,7 +2,7 @@
 # bench/batch_scaling.py on a bare GPU machine that has torch but not Ray, sam3 or gsplat (the
 # workplace's device machines): installs what was carried, builds gsplat's CUDA extension once, then
 # runs the benchmark. Run from the checkout's root; results go to $OUT (or /tmp/bs_out).
-#   carried: .whl/      sam3 0.1.4 and its small deps, open_clip_torch (the BPE vocab) as cp312 wheels
+#   carried (bench/pack_device_wheels.sh fills both): .whl/      sam3 0.1.4 and its small deps, open_clip_torch (the BPE vocab) as cp312 wheels
 #            .whl-ray/  ray312-core.tar.xz (ray 2.60.0 cp312 unpacked without its Java jars, RLlib,
 #                       Tune, Train, Serve, Data, LLM and dashboard UI, none of which the batch uses),
 #                       jsonschema, jsonschema-specifications, referencing, rpds-py, gsplat wheels

@@ -93,6 +93,9 @@ def test_prewarmed_pool_that_cannot_be_placed_names_the_gpus_it_asks_for(tmp_pat
                 pool.wait_started()
         finally:
             pool.kill()
+        # With Ray up in this process, a child's exit code still reads true (Ray's subreaper mode would
+        # ignore SIGCHLD here and make every exit code 0: a dead vLLM would look like success).
+        assert subprocess.run(["false"]).returncode == 1, "SIGCHLD is ignored in the driver after ray.init"
     finally:
         engine.shutdown()
     text = str(caught.value)

@@ -343,8 +343,11 @@ class RayEngine:
         self.address = bcfg.ray_address or (None if os.environ.get("RAY_ADDRESS") else "local")
         self.local = self.address == "local"
         if self.local:
-            # A local Ray we start: its raylet kills our actors' children even after an actor crash.
-            os.environ.setdefault("RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper", "1")
+            # Never Ray's subreaper mode: with it, Ray sets SIGCHLD to SIG_IGN in the driver and in every
+            # worker (ray 2.60.0, src/ray/util/subreaper.cc), so each subprocess's exit code reads as 0
+            # there (a dead vLLM or a crashed stage child looks like success). Our stage children watch
+            # their parent and exit with it instead (pipeline/batch/worker.py).
+            os.environ["RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper"] = "0"
             # Its raylet inherits this process's environment and hands it to every worker it starts, so
             # the actors find the project without a runtime_env: a job-level runtime_env makes the
             # raylet start new workers through its runtime-env agent instead of taking the ones it

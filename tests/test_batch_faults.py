@@ -131,13 +131,20 @@ def _stage_workers(stage: str, tmp_path: Path) -> dict[int, str]:
     return processes("pipeline", "worker", "--stage", stage, str(tmp_path))
 
 
-def test_stage_worker_killed_mid_photo_is_restarted_and_the_photo_retried(tmp_path: Path):
+def _batch_with_slow_vlm(tmp_path: Path, n_photos: int, *extra: str):
+    """A driver started on n photos, the stand-in vLLM answering each request in 2 s (so a photo is
+    in flight long enough to kill its worker): (driver, the stand-in's stats file, the stage 1
+    workers that ran before it)."""
     photos = tmp_path / "photos"
-    make_photos(photos, 3)
+    make_photos(photos, n_photos)
     flags, env = stand_in_vllm(tmp_path / "vllm", chat_delay=2.0)
-    stats_path = tmp_path / "vllm" / "stats.jsonl"
     before = set(_stage_workers("stage1", tmp_path))
-    driver = start_batch(photos, tmp_path / "out", *VLM_LITE, *FAST, *flags, "--vlm-concurrency", "1", env=env)
+    driver = start_batch(photos, tmp_path / "out", *VLM_LITE, *FAST, *flags, *extra, env=env)
+    return driver, tmp_path / "vllm" / "stats.jsonl", before
+
+
+def test_stage_worker_killed_mid_photo_is_restarted_and_the_photo_retried(tmp_path: Path):
+    driver, stats_path, before = _batch_with_slow_vlm(tmp_path, 3, "--vlm-concurrency", "1")
     try:
         # The first photo is in flight: its VLM request is being answered (2 s).
         assert wait_for(lambda: any(e["event"] == "chat" for e in read_stats(stats_path)), 120), "no VLM request arrived"
@@ -161,12 +168,7 @@ def test_stage_worker_killed_mid_photo_is_restarted_and_the_photo_retried(tmp_pa
 
 
 def test_photo_that_keeps_killing_its_worker_is_marked_failed(tmp_path: Path):
-    photos = tmp_path / "photos"
-    make_photos(photos, 1)
-    flags, env = stand_in_vllm(tmp_path / "vllm", chat_delay=2.0)
-    stats_path = tmp_path / "vllm" / "stats.jsonl"
-    before = set(_stage_workers("stage1", tmp_path))
-    driver = start_batch(photos, tmp_path / "out", *VLM_LITE, *FAST, *flags, "--max-attempts", "2", env=env)
+    driver, stats_path, before = _batch_with_slow_vlm(tmp_path, 1, "--max-attempts", "2")
     killed: set[int] = set()
     try:
         # Every time a worker has the photo in flight, kill it (a photo that segfaults its worker).

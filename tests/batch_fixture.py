@@ -230,6 +230,20 @@ def alive(pids: set[int]) -> set[int]:
     return out
 
 
+def describe_processes(pids: set[int]) -> str:
+    """pid, state, parent and command line of each of `pids` still there: what a failed
+    'outlived' assertion shows, so a survivor can be told from a reused pid."""
+    lines = []
+    for pid in sorted(pids):
+        try:
+            cmd = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+            fields = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        lines.append(f"pid {pid} state {fields[0]} ppid {fields[1]}: {cmd[:300]}")
+    return "; ".join(lines)
+
+
 def wait_for(predicate, timeout: float, interval: float = 0.1):
     """Poll until predicate() is truthy (returned) or timeout (returns the last falsy value)."""
     deadline = time.monotonic() + timeout

@@ -256,6 +256,51 @@ def test_real_worker_that_cannot_load_its_model_fails_its_start(tmp_path: Path):
     assert err.value.exit_code == 3 and "sam3" in str(err.value) and "Fix:" in str(err.value)
 
 
+def _worker_gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_worker_exits_when_its_named_starter_dies_even_behind_a_wrapper(tmp_path: Path):
+    """The starter's pid travels in SAM3DGS_WORKER_PARENT (WorkerProcess sets it). A worker run
+    through a wrapper that keeps it as a child (the wrapper stays, stdin stays open) still exits
+    when the starter dies; and a worker whose starter is already dead when it starts (killed while
+    the interpreter was loading: its parent had changed before it could look) exits at once."""
+    import subprocess
+
+    worker_cmd = f"{sys.executable} -m pipeline worker --stage stage1 --profile=lite; true"  # `; true`: sh stays the parent
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    starter = subprocess.Popen(["sleep", "600"])
+    wrapper = subprocess.Popen(["sh", "-c", worker_cmd], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               cwd=ROOT, env={**env, "SAM3DGS_WORKER_PARENT": str(starter.pid)})
+    try:
+        ready = json.loads(wrapper.stdout.readline())
+        assert ready["event"] == "ready", ready
+        time.sleep(1.0)
+        assert not _worker_gone(ready["pid"]), "a worker whose parent is a wrapper left while its starter lived"
+        starter.kill()
+        starter.wait()
+        deadline = time.monotonic() + 15
+        while not _worker_gone(ready["pid"]):
+            assert time.monotonic() < deadline, "the worker outlived its starter (the wrapper and stdin were still there)"
+            time.sleep(0.2)
+    finally:
+        for p in (starter, wrapper):
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid names no process now
+    t0 = time.monotonic()
+    late = subprocess.run([sys.executable, "-m", "pipeline", "worker", "--stage", "stage1", "--profile=lite"], stdin=subprocess.PIPE,
+                          capture_output=True, text=True, cwd=ROOT, env={**env, "SAM3DGS_WORKER_PARENT": str(dead.pid)}, timeout=60)
+    assert '"ready"' not in late.stdout, "a worker whose starter was already gone loaded its models"
+    assert "exiting now" in late.stderr and time.monotonic() - t0 < 30
+
+
 def test_worker_exits_when_the_process_that_started_it_dies(tmp_path: Path):
     """kill -9 of the driver (or of the Ray actor owning the worker): the worker exits even while its
     stdin stays open elsewhere (here the test holds the pipe), e.g. while it is still loading models."""

@@ -205,6 +205,7 @@ class WorkerProcess:
         env.update(self.extra_env)
         env["PYTHONPATH"] = project_pythonpath(env.get("PYTHONPATH"))
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env["SAM3DGS_WORKER_PARENT"] = str(os.getpid())  # worker._exit_with_parent: exit when this process dies
         return env
 
     @property

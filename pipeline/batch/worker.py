@@ -150,20 +150,53 @@ def _protocol_out() -> BinaryIO:
     return out
 
 
+PARENT_ENV = "SAM3DGS_WORKER_PARENT"  # the pid of the process that started this worker (protocol.WorkerProcess sets it)
+
+
 def _exit_with_parent(interval: float = 0.5) -> None:
     """Exit at once when the process that started this worker dies (the driver, or the Ray actor
     owning it, killed with -9): a watchdog thread, running from before the models load, so a worker
-    still loading cannot outlive it. (The end of stdin says the same, but only once the loop reads it.)"""
-    parent = os.getppid()
+    still loading cannot outlive it. (The end of stdin says the same, but only once the loop reads it.)
+
+    Two signs, either one enough: this process's parent changes (it was handed to init or a
+    subreaper), or the starter named in the environment is gone. The second catches a starter
+    killed while this interpreter was still starting (the parent had already changed when it was
+    first read) and works through a wrapper script that runs the interpreter as its child."""
+    first_parent = os.getppid()
+    try:
+        starter: int | None = int(os.environ.pop(PARENT_ENV, ""))  # popped: not for this worker's own children
+    except ValueError:
+        starter = None
+
+    def gone() -> bool:
+        return os.getppid() != first_parent or (starter is not None and not _running(starter))
 
     def watch() -> None:
-        while True:
+        while not gone():
             time.sleep(interval)
-            if os.getppid() != parent:
-                print("the process that started this worker is gone; exiting now", file=sys.stderr, flush=True)
-                os._exit(0)
+        print("the process that started this worker is gone; exiting now", file=sys.stderr, flush=True)
+        os._exit(0)
 
+    if gone():
+        watch()
     threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def _running(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie (a killed starter its own parent has not reaped yet)."""
+    if not os.path.exists("/proc/self/stat"):  # no /proc: ask the kernel (a zombie then counts as running)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def worker_main(stage: str, concurrency: int, cfgs: Any) -> int:

@@ -27,6 +27,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -146,6 +147,38 @@ def span_rate(times: list[float]) -> float | None:
     return (len(times) - 1) / (max(times) - min(times))
 
 
+_STAMP = re.compile(r"^#? ?(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2})(?:,(\d{3}))? (.*)$")
+
+
+def _stamp(line: str) -> tuple[float, str] | None:
+    m = _STAMP.match(line)
+    if not m:
+        return None
+    t = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2) or 0) / 1000
+    return t, m.group(3)
+
+
+def timeline(out: Path, t0: float) -> dict[str, float]:
+    """Seconds from the batch command's start to each milestone: the driver's "timeline: ..." lines
+    (ROOT/logs/pipeline.log), each worker child's start line and its 'SAM3 built' line (ROOT/logs/)."""
+    marks: dict[str, float] = {}
+    logs = out / "logs"
+    for line in (logs / "pipeline.log").read_text(errors="replace").splitlines() if (logs / "pipeline.log").exists() else []:
+        hit = _stamp(line)
+        if hit and "timeline: " in hit[1]:
+            marks.setdefault(hit[1].split("timeline: ", 1)[1], round(hit[0] - t0, 2))
+    for log in sorted(logs.glob("stage*-worker-*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            hit = _stamp(line)
+            if not hit:
+                continue
+            if "starting " in hit[1] and hit[1].startswith("starting "):
+                marks.setdefault(f"{log.stem} child started", round(hit[0] - t0, 2))
+            elif "SAM3 built on" in hit[1]:
+                marks.setdefault(f"{log.stem} SAM3 built ({hit[1].split(' in ', 1)[1].split(' ', 1)[0]} s)", round(hit[0] - t0, 2))
+    return dict(sorted(marks.items(), key=lambda kv: kv[1]))
+
+
 def run_batch(args, k: int, photos: Path, checkpoint: Path, boxes: list[str]) -> dict:
     out = args.work / f"out-{args.engine}-{k}gpu"
     if out.exists():
@@ -186,10 +219,11 @@ def run_batch(args, k: int, photos: Path, checkpoint: Path, boxes: list[str]) ->
     steady = 1 / (1 / r1 + 1 / r2) if r1 and r2 else None  # stage-major: a photo costs 1/r1 + 1/r2
     fixed = wall - len(done) / steady if steady else None  # starting Ray, loading models, stopping: not per photo
     objects = sum(r.get("objects") or 0 for r in rows)
+    marks = timeline(out, t0)
     return {
         "gpus": k, "photos": len(rows), "done": len(done), "objects": objects, "wall_s": wall, "photos_per_s": len(done) / wall,
         "stage1_photos_per_s": r1, "stage2_photos_per_s": r2, "steady_photos_per_s": steady, "fixed_s": fixed, "gpu_busy": sampler.busy(),
-        "exit_code": proc.returncode, "errors": sorted({r["error"] for r in rows if r["error"]})[:3],
+        "exit_code": proc.returncode, "errors": sorted({r["error"] for r in rows if r["error"]})[:3], "timeline": marks,
     }  # fmt: skip
 
 
@@ -266,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{f(r['stage2_photos_per_s'])} | {f(r['steady_photos_per_s'])} | {f(r.get('fixed_s'), '{:.0f}')} | {f(ratio_s, '{:.2f}x')} | {f(ratio_w, '{:.2f}x')} | "
             f"{f(r['gpu_busy'], '{:.0%}')} |"
         )
+    lines += ["", "Where the time goes (seconds from the batch command's start; ROOT/logs/):", ""]
+    for r in results:
+        lines.append(f"- {r['gpus']} GPU(s): " + "; ".join(f"{name} {t:.1f}" for name, t in r.get("timeline", {}).items()))
     table = "\n".join(lines)
     print(table)
     (args.work / "batch_scaling.md").write_text(table + "\n")

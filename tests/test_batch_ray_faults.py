@@ -100,3 +100,32 @@ def test_prewarmed_pool_that_cannot_be_placed_names_the_gpus_it_asks_for(tmp_pat
         engine.shutdown()
     text = str(caught.value)
     assert "each asks for 64 GPU(s)" in text and "\n" not in text, text
+
+
+def test_shutdown_of_our_local_ray_stops_the_autoscaler_monitor_first_and_leaves_nothing(monkeypatch):
+    """ray.shutdown() gives each process SIGTERM and up to 1 s, and the autoscaler monitor used the
+    whole second (it reports its own "failure" first, ray/autoscaler/_private/monitor.py:588-596).
+    The engine SIGKILLs it just before ray.shutdown(); every process of the local Ray is gone after."""
+    import ray
+
+    from pipeline.batch.ray_engine import RayEngine
+    from pipeline.core.config import BatchConfig
+
+    engine = RayEngine(BatchConfig(engine="ray"))
+    engine.ready()
+    node = ray._private.worker._global_node  # Ray 2.60's own record of the processes ray.init started
+    procs = {kind: [info.process for info in infos] for kind, infos in node.all_processes.items()}
+    assert procs.get("monitor"), f"Ray {ray.__version__} no longer lists its autoscaler monitor where the engine looks: {sorted(procs)}"
+    seen: dict[str, object] = {}
+    real_shutdown = ray.shutdown
+
+    def watched_shutdown(*args, **kwargs):
+        seen["monitor_code"] = procs["monitor"][0].poll()
+        return real_shutdown(*args, **kwargs)
+
+    monkeypatch.setattr(ray, "shutdown", watched_shutdown)
+    engine.shutdown()
+    assert seen.get("monitor_code") == -signal.SIGKILL, f"the monitor was still running (or ended otherwise) when ray.shutdown began: {seen}"
+    left = {kind: [p.pid for p in ps if p.poll() is None] for kind, ps in procs.items()}
+    assert not any(left.values()), f"processes of the local Ray outlived its shutdown: {left}"
+    assert not ray.is_initialized()

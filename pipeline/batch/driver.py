@@ -25,6 +25,7 @@ from typing import Any
 from pipeline.batch import manifest as M
 from pipeline.batch.photos import Photo, find_photos
 from pipeline.batch.protocol import WorkerSpec, config_argv, config_env
+from pipeline.batch.timeline import mark
 from pipeline.core.atomic import TMP_PREFIX
 from pipeline.core.config import to_record
 from pipeline.core.device import requested_device
@@ -247,6 +248,7 @@ class _Batch:
             if todo1 or todo2:
                 self.progress = _Progress(self.cfgs.run.progress, len(todo1) + (len(todo2) if "stage1" not in self.stages else 0))
                 self.log = self.progress.wrap(self.log)
+                mark("engine starts")
                 self.engine = make_engine(self.bcfg)
                 if todo1:
                     self._stage1(todo1)
@@ -298,6 +300,7 @@ class _Batch:
             self.vlm = self.engine.vlm(self.cfgs, self.root / "logs")
             self.log("batch: starting one vLLM server for stage 1")
             env = self.vlm.start()
+            mark("vLLM ready")
             self.manifest.vlm = self.vlm.info()
         n = self.engine.default_workers("stage1")
         concurrency = max(1, math.ceil(self.bcfg.vlm_concurrency / n)) if planner == "vlm" else 1
@@ -318,6 +321,7 @@ class _Batch:
     def _open(self, stage: str, spec: WorkerSpec, n: int, *, wait: bool = True):
         self.log(f"batch: starting {n} {STAGE_NAMES[stage]} worker(s) on the {self.engine.name} engine")
         pool = self.engine.open_pool(spec, n, wait=wait)
+        mark(f"{stage} workers ready" if wait else f"{stage} workers asked for")
         self.pools[stage] = pool
         self.manifest.workers[stage] = pool.info()
         return pool
@@ -325,7 +329,9 @@ class _Batch:
     def _close(self, stage: str) -> None:
         pool = self.pools.pop(stage, None)
         if pool is not None:
+            mark(f"{stage} workers closing")
             pool.close()
+            mark(f"{stage} workers closed")
 
     def _run_stage(self, stage: str, todo: list[int], *, spec: WorkerSpec | None = None, n: int | None = None, prewarm: bool = False) -> None:
         if spec is None:
@@ -340,6 +346,7 @@ class _Batch:
             pool = self._open(stage, spec, self.engine.default_workers(stage) if n is None else n)
         elif hasattr(pool, "wait_started"):
             pool.wait_started()  # opened early (prewarm): its start errors surface here
+            mark(f"{stage} workers ready")
         if prewarm and getattr(self.engine, "prewarm_stage2", False):
             self._open("stage2", self._spec("stage2", 1, {}), self.engine.default_workers("stage2"), wait=False)
         futures = {self._submit(pool, stage, i): (stage, i) for i in todo}
@@ -378,11 +385,17 @@ class _Batch:
     def _collect(self, futures: dict[Future, tuple[str, int]], *, then=None, until_stage1_done=None) -> None:
         pending = dict(futures)
         stage1_left = sum(1 for s, _ in pending.values() if s == "stage1")
+        answered: dict[str, int] = {}
         while pending:
             done, _ = wait(list(pending), timeout=1.0, return_when=FIRST_COMPLETED)
             for f in done:
                 stage, i = pending.pop(f)
                 self._finish(stage, i, f)
+                answered[stage] = answered.get(stage, 0) + 1
+                if answered[stage] == 1:
+                    mark(f"{stage} first photo answered")
+                if not any(s == stage for s, _ in pending.values()):
+                    mark(f"{stage} last photo answered ({answered[stage]})")
                 if then is not None:
                     pending.update(then(stage, i))
                 if stage == "stage1":
@@ -407,6 +420,7 @@ class _Batch:
             self.progress.step(self.photos[i].rel)
 
     def _shutdown(self, *, kill: bool) -> None:
+        mark("shutdown begins")
         for stage in list(self.pools):
             pool = self.pools.pop(stage)
             with contextlib.suppress(Exception):
@@ -416,6 +430,7 @@ class _Batch:
         if self.engine is not None:
             with contextlib.suppress(Exception):
                 self.engine.shutdown()
+        mark("shutdown done")
 
     def _index(self) -> None:
         try:

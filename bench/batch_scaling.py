@@ -5,8 +5,9 @@ bench/stage1_sam3.py forces them: confidence 0, one mask per phrase, duplicate r
 overlap), prompted with five boxes (no VLM: the demo scene's objects, so every photo has five).
 Stage 2: the built-in inflate lifter and every export, turntables through gsplat (--renderer gsplat).
 Each GPU count is one `python -m pipeline batch` run (default --engine ray, a local Ray that sees
-CUDA_VISIBLE_DEVICES=0..k-1) into a fresh folder over the same photos, one stage 1 worker and one
-stage 2 worker per GPU.
+CUDA_VISIBLE_DEVICES=0..k-1) into a fresh folder over the same photos, with the batch's defaults:
+one stage 1 worker and one stage 2 worker per GPU (on Ray, both in one placement-group bundle per
+GPU, so stage 2's workers start while stage 1 runs).
 
 Per run: process wall time; photos/s end to end (wall) and in steady state (stage 1 and stage 2
 spans from the run folders' file times: the first to the last photo finished, times N/(N-1)); the
@@ -190,12 +191,10 @@ def run_batch(args, k: int, photos: Path, checkpoint: Path, boxes: list[str]) ->
     argv = [
         sys.executable, "-m", "pipeline", "batch", "--images", str(photos), "--out", str(out), "--engine", args.engine, "--no-progress",
         "--planner", "none", "--segmenter", "sam3", "--sam3-checkpoint", str(checkpoint), *FORCED, *[f"--box={b}" for b in boxes],
-        "--lifter", "inflate", "--renderer", "gsplat" if k else "cpu", "--stage1-workers", str(max(1, k)), "--stage2-workers", str(max(1, k)),
+        "--lifter", "inflate", "--renderer", "gsplat" if k else "cpu",
     ]  # fmt: skip
     if k == 0:
         argv += ["--device", "cpu", "--gif-frames", "6", "--inflate-gaussians", "2000"]
-    if args.engine == "ray" and k:
-        argv += ["--stage1-gpus", "1", "--stage2-gpus", "1"]
     if args.stage1_python:
         argv += ["--stage1-python", str(args.stage1_python)]
     if args.sam3_bpe:

@@ -321,3 +321,66 @@ def test_ray_engine_without_ray_is_one_line_naming_the_install(photos: Path, tmp
     assert proc.returncode == 3, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "requirements-ray.txt" in errors[0], proc.stderr[-2000:]
+
+
+def _timeline(root: Path) -> dict[str, float]:
+    """The driver's 'timeline: ...' milestones (ROOT/logs/pipeline.log) as seconds from the first."""
+    import datetime as dt
+
+    marks: dict[str, float] = {}
+    for line in (root / "logs" / "pipeline.log").read_text().splitlines():
+        if "timeline: " in line:
+            stamp = dt.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            marks.setdefault(line.split("timeline: ", 1)[1], stamp)
+    first = min(marks.values())
+    return {k: v - first for k, v in marks.items()}
+
+
+@needs_ray
+@pytest.mark.slow
+@pytest.mark.parametrize("shares", [None, ["--stage1-gpus", "1", "--stage2-gpus", "1"]], ids=["default", "whole-gpus-given"])
+def test_ray_engine_gives_each_gpu_one_worker_of_each_stage(photos: Path, tmp_path: Path, shares):
+    """A cluster with 2 (logical) GPUs and no vLLM to start (a hosted one, --vlm-url, whose answers
+    take 1.5 s): by default each GPU gets one stage 1 and one stage 2 actor (one placement-group
+    bundle per GPU), so stage 2's actors are ready before stage 1 has finished, and the two stage 1
+    actors are on different GPUs (Ray alone packs two half-GPU actors onto one). With whole GPUs
+    asked for, stage 2 waits for stage 1 to end."""
+    from ray.cluster_utils import Cluster
+
+    flags, env = stand_in_vllm(tmp_path / "vllm")
+    replies = json.loads(Path(env["FAKE_VLLM_REPLY_FILE"]).read_text())
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 2, "object_store_memory": 80 * 1024**2, "include_dashboard": False})
+    try:
+        root = tmp_path / "out"
+        with FakeOpenAIServer([Reply(content=replies[0])], chat_delay=1.5) as hosted:
+            proc = run_batch(
+                photos, root, *VLM_LITE, "--device", "cpu", *FAST, *flags, "--vlm-url", hosted.url, "--vlm-concurrency", "2",
+                "--engine", "ray", "--ray-address", cluster.address, *(shares or []), env=env,
+            )  # fmt: skip
+        import ray
+
+        ray.init(address=cluster.address)
+        try:
+            groups = [g for g in ray.util.placement_group_table().values() if g.get("state") != "REMOVED"]
+        finally:
+            ray.shutdown()
+    finally:
+        cluster.shutdown()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    batch = read_batch(root)
+    assert set(statuses(batch).values()) == {"done"}, statuses(batch)
+    assert not groups, f"the batch left placement groups on the cluster: {groups}"
+    marks = _timeline(root)
+    workers = batch["workers"]
+    gpus1 = sorted(w["gpu"] for w in workers["stage1"])
+    gpus2 = sorted(w["gpu"] for w in workers["stage2"])
+    if shares is None:
+        assert "stages share 2 GPU bundle(s)" in marks, sorted(marks)
+        assert gpus1 == gpus2 == ["0", "1"], workers
+        ready2 = min(t for k, t in marks.items() if k.startswith("stage2-worker-") and k.endswith(" ready"))
+        assert ready2 < marks["stage1 last photo answered (8)"], f"stage 2 did not start during stage 1: {marks}"
+    else:
+        assert not any(k.startswith("stages share") for k in marks), sorted(marks)
+        assert gpus1 == ["0", "1"] and gpus2 == ["0", "1"], workers
+        ready2 = min(t for k, t in marks.items() if k.startswith("stage2-worker-") and k.endswith(" ready"))
+        assert ready2 > marks["stage1 workers closing"], f"whole GPUs asked for, yet stage 2 started during stage 1: {marks}"

@@ -16,6 +16,7 @@ import fcntl
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
@@ -185,6 +186,7 @@ class _Batch:
         self.progress: _Progress | None = None
         self.engine = None
         self.pools: dict[str, Any] = {}
+        self._closing: list[threading.Thread] = []
         self.vlm = None
 
     # ---- state from the run folders
@@ -302,6 +304,9 @@ class _Batch:
             env = self.vlm.start()
             mark("vLLM ready")
             self.manifest.vlm = self.vlm.info()
+        if "stage2" in self.stages and hasattr(self.engine, "colocate"):
+            # Ray: one stage 1 and one stage 2 actor per GPU where both fit, so stage 2 starts meanwhile.
+            self.engine.colocate(self.cfgs, vlm_started=self.vlm is not None)
         n = self.engine.default_workers("stage1")
         concurrency = max(1, math.ceil(self.bcfg.vlm_concurrency / n)) if planner == "vlm" else 1
         if self.progress:
@@ -326,12 +331,22 @@ class _Batch:
         self.manifest.workers[stage] = pool.info()
         return pool
 
-    def _close(self, stage: str) -> None:
+    def _close(self, stage: str, *, background: bool = False) -> None:
         pool = self.pools.pop(stage, None)
-        if pool is not None:
+        if pool is None:
+            return
+
+        def close() -> None:
             mark(f"{stage} workers closing")
             pool.close()
             mark(f"{stage} workers closed")
+
+        if background:  # the next stage's workers are up already: they need not wait for these to exit
+            t = threading.Thread(target=close, name=f"close-{stage}", daemon=True)
+            t.start()
+            self._closing.append(t)
+        else:
+            close()
 
     def _run_stage(self, stage: str, todo: list[int], *, spec: WorkerSpec | None = None, n: int | None = None, prewarm: bool = False) -> None:
         if spec is None:
@@ -351,7 +366,7 @@ class _Batch:
             self._open("stage2", self._spec("stage2", 1, {}), self.engine.default_workers("stage2"), wait=False)
         futures = {self._submit(pool, stage, i): (stage, i) for i in todo}
         self._collect(futures)
-        self._close(stage)
+        self._close(stage, background=stage == "stage1" and "stage2" in self.pools)
 
     def _pipelined(self, todo: list[int], spec1: WorkerSpec, n1: int) -> None:
         pool1 = self._open("stage1", spec1, n1)
@@ -425,6 +440,8 @@ class _Batch:
             pool = self.pools.pop(stage)
             with contextlib.suppress(Exception):
                 pool.kill() if kill else pool.close()
+        for t in self._closing:  # pools closing in the background (_close) are gone before Ray is
+            t.join()
         with contextlib.suppress(Exception):
             self._stop_vlm()
         if self.engine is not None:

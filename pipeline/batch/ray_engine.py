@@ -98,9 +98,11 @@ class _Job:
 class RayPool:
     """One stage's actors, fed by a dispatcher thread: photos wait in the driver until an actor has a slot."""
 
-    def __init__(self, engine: RayEngine, spec: WorkerSpec, n: int, *, num_gpus: float, node_env: dict[str, dict[str, str]] | None = None):
+    def __init__(
+        self, engine: RayEngine, spec: WorkerSpec, n: int, *, num_gpus: float, node_env: dict[str, dict[str, str]] | None = None, slots: Any = None
+    ):
         ray = _ray()
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
         self.spec = spec
         self.max_tries = spec.max_attempts
@@ -118,7 +120,9 @@ class RayPool:
                 "max_task_retries": 0,
             }
             env: dict[str, str] = {}
-            if nodes:  # stage 1 with per-node vLLM servers: on a node that has one, using it
+            if slots is not None:  # one bundle per GPU, shared by one stage 1 and one stage 2 actor (RayEngine.colocate)
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group=slots, placement_group_bundle_index=i % slots.bundle_count)
+            elif nodes:  # stage 1 with per-node vLLM servers: on a node that has one, using it
                 node = nodes[i % len(nodes)]
                 options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
                 env = node_env[node]  # type: ignore[index]
@@ -356,6 +360,7 @@ class RayEngine:
             # prestarted (1.3 s more per actor start on 2 cores, docs/PERFORMANCE.md "Batches").
             # up: ray/_private/services.py:994 (start_ray_process: os.environ.copy() for the raylet)
             os.environ["PYTHONPATH"] = project_pythonpath(os.environ.get("PYTHONPATH"))
+        self.slots: Any = None  # the placement group of RayEngine.colocate, one bundle per GPU
         self._started = not ray.is_initialized()
         self._init_error: BaseException | None = None
         self._init_done = threading.Event()
@@ -421,10 +426,59 @@ class RayEngine:
             return bool(visible_gpus(None))
         return self.total_gpus() > 0
 
+    def colocate(self, cfgs: Any, *, vlm_started: bool) -> bool:
+        """Before stage 1's actors exist, when stage 2 follows: give every GPU one stage 1 and one
+        stage 2 actor, half a GPU each, in one placement-group bundle per GPU, so stage 2's actors
+        (and their models) start while stage 1 runs instead of after it; otherwise stage 2 waits for
+        stage 1 to hand back every GPU (each stage worker asks for a whole one). Returns whether it did.
+
+        Only where both fit at once: no vLLM started by this batch (it holds most of a GPU), no GPU
+        share or worker count given, a bundle's 2 x --worker-cpus on every GPU node, and GPU memory
+        for SAM3 and stage 2 together: free memory per GPU from nvidia-smi on a local Ray; on a
+        cluster (memory unknown here) only with the built-in lifter, whose GPU use is small.
+
+        Ray places half-GPU requests best-fit (ray 2.60.0 src/ray/common/scheduling/
+        resource_instance_set.cc, TryAllocate: the instance with the least capacity left that fits),
+        so two stage 1 actors would share one GPU and leave another idle; a bundle per GPU keeps one
+        of each stage on each GPU, also when Ray restarts an actor (it stays in its bundle)."""
+        b = self.bcfg
+        if vlm_started or self.slots is not None or b.stage1_gpus is not None or b.stage2_gpus is not None or b.stage1_workers or b.stage2_workers:
+            return False
+        self.ready()
+        ray = _ray()
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        gpu_nodes = [r for r in nodes if int(r.get("GPU", 0)) > 0]
+        count = sum(int(r["GPU"]) for r in gpu_nodes)
+        if not count or any(r.get("CPU", 0) < 2 * b.worker_cpus * int(r["GPU"]) for r in gpu_nodes):
+            return False
+        need = colocated_gpu_need(cfgs)
+        if self.local:
+            from pipeline.batch.local import visible_gpus
+            from pipeline.core.device import nvidia_smi
+
+            visible = set(visible_gpus(None))
+            free = [float(cells[1]) / 1024 for cells in nvidia_smi("index", "memory.free") if len(cells) > 1 and cells[0] in visible]
+            if need is None or not free or min(free) < need:
+                return False
+        elif need is None:
+            return False
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        group = placement_group([{"GPU": 1.0, "CPU": 2 * b.worker_cpus}] * count, strategy="PACK")
+        ready, _ = ray.wait([group.ready()], timeout=60)
+        if not ready:
+            remove_placement_group(group)
+            return False
+        self.slots = group
+        mark(f"stages share {count} GPU bundle(s)")
+        return True
+
     def stage_gpus(self, stage: str) -> float:
         value = self.bcfg.stage1_gpus if stage == "stage1" else self.bcfg.stage2_gpus
         if value is not None:
             return float(value)
+        if self.slots is not None:
+            return 0.5
         if not self.total_gpus():
             return 0.0
         # Stage 1 shares a GPU with its node's vLLM actor when there is one.
@@ -441,6 +495,8 @@ class RayEngine:
         n = self.bcfg.stage1_workers if stage == "stage1" else self.bcfg.stage2_workers
         if n > 0:
             return n
+        if self.slots is not None:
+            return self.slots.bundle_count
         per = self.stage_gpus(stage)
         if not per:
             return 1
@@ -455,7 +511,7 @@ class RayEngine:
         self.ready()
         node_env = self.vlm_handle.env_by_node if (spec.stage == "stage1" and self.vlm_handle is not None) else None
         gpus = self.stage_gpus(spec.stage)
-        pool = RayPool(self, spec, n, num_gpus=gpus, node_env=node_env)
+        pool = RayPool(self, spec, n, num_gpus=gpus, node_env=node_env, slots=self.slots)
         if wait:
             try:
                 pool.wait_started()
@@ -480,12 +536,37 @@ class RayEngine:
             mark("ray.shutdown begins")
             try:
                 self.ready()
+                self._drop_slots()
                 _stop_autoscaler_monitor(_ray())
                 _ray().shutdown()
             except BaseException:  # noqa: BLE001 - nothing (more) to shut down
                 pass
             mark("ray.shutdown done")
+        else:
+            self._drop_slots()  # a cluster outlives this batch: hand its GPUs back
         self._release.set()
+
+    def _drop_slots(self) -> None:
+        if self.slots is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            try:
+                remove_placement_group(self.slots)
+            except Exception:  # noqa: BLE001 - gone with the cluster
+                pass
+            self.slots = None
+
+
+def colocated_gpu_need(cfgs: Any) -> float | None:
+    """GiB one GPU needs for a stage 1 and a stage 2 worker at once (doctor.py's figures), or None
+    where stage 2's need is unknown without the GPU's size (SAM 3D Objects, 'auto')."""
+    from pipeline.doctor import sam3_gpu_need
+
+    stage1 = sam3_gpu_need(cfgs.segmenter) if cfgs.segmenter.segmenter in ("sam3", "auto") else 0.5
+    lifter = cfgs.lifter.lifter
+    if lifter == "inflate":
+        return stage1 + 2.0  # the built-in lifter: gsplat turntables, about 1 GiB with the CUDA context
+    return stage1 + float(cfgs.lifter.sam3d_min_gpu_gib)
 
 
 def _stop_autoscaler_monitor(ray: Any) -> bool:

@@ -205,8 +205,8 @@ def run_batch(args, k: int, photos: Path, checkpoint: Path, boxes: list[str]) ->
         proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.time() - t0
     driver_log = out / "logs" / "pipeline.log"  # timestamped: where the fixed time goes
-    timeline = driver_log.read_text(errors="replace") if driver_log.exists() else ""
-    (args.work / f"batch-{args.engine}-{k}gpu.log").write_text(proc.stdout + proc.stderr + "\n== ROOT/logs/pipeline.log\n" + timeline)
+    driver_text = driver_log.read_text(errors="replace") if driver_log.exists() else ""
+    (args.work / f"batch-{args.engine}-{k}gpu.log").write_text(proc.stdout + proc.stderr + "\n== ROOT/logs/pipeline.log\n" + driver_text)
     if proc.returncode not in (0, 1):
         raise SystemExit(f"{k} GPU(s): batch failed with exit code {proc.returncode}:\n{proc.stderr[-4000:]}")
     batch = json.loads((out / "batch.json").read_text())

@@ -190,7 +190,8 @@ def run_batch(args, k: int, photos: Path, checkpoint: Path, boxes: list[str]) ->
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))}
     argv = [
         sys.executable, "-m", "pipeline", "batch", "--images", str(photos), "--out", str(out), "--engine", args.engine, "--no-progress",
-        "--planner", "none", "--segmenter", "sam3", "--sam3-checkpoint", str(checkpoint), *FORCED, *[f"--box={b}" for b in boxes],
+        "--planner", "none", "--segmenter", args.segmenter, *(["--sam3-checkpoint", str(checkpoint)] if args.segmenter == "sam3" else []),
+        *FORCED, *[f"--box={b}" for b in boxes],
         "--lifter", "inflate", "--renderer", "gsplat" if k else "cpu",
     ]  # fmt: skip
     if k == 0:
@@ -234,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engine", default="ray", choices=["ray", "local"])
     ap.add_argument("--work", type=Path, default=Path("/tmp/batch_scaling"))
     ap.add_argument("--sam3-checkpoint", type=Path, default=None, help="default: random weights written to WORK/sam3-random.pt")
+    ap.add_argument("--segmenter", default="sam3", choices=["sam3", "classical"], help="classical: a quick CPU check of the benchmark itself")
     ap.add_argument("--stage1-python", type=Path, default=None, help="interpreter with sam3 for stage 1 (default: this one)")
     ap.add_argument("--sam3-bpe", type=Path, default=None, help="SAM3's BPE vocab file, if sam3/open_clip do not carry it")
     ap.add_argument("--write-random-sam3", type=Path, default=None, help=argparse.SUPPRESS)
@@ -251,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     photos_s = time.time() - t
     boxes = demo_boxes(w, h)
     checkpoint = args.sam3_checkpoint or args.work / "sam3-random.pt"
-    if not checkpoint.exists():
+    if args.segmenter == "sam3" and not checkpoint.exists():
         t = time.time()
         py = str(args.stage1_python or sys.executable)
         bpe = ["--sam3-bpe", str(args.sam3_bpe)] if args.sam3_bpe else []
@@ -275,8 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     head = (
         f"Machine: {platform.node() or '?'}, {os.cpu_count()} CPUs, {gpu_name} x {torch.cuda.device_count()}, torch {torch.__version__}, "
         f"Python {platform.python_version()}; {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC. "
-        f"Command: python bench/batch_scaling.py --photos {args.photos} --gpus {args.gpus} --size {args.size} --engine {args.engine}. "
-        "Stage 1: SAM3 random weights, 5 box prompts, masks forced; stage 2: inflate lifter, exports with gsplat turntables."
+        f"Command: python bench/batch_scaling.py --photos {args.photos} --gpus {args.gpus} --size {args.size} --engine {args.engine}"
+        + (f" --segmenter {args.segmenter}. " if args.segmenter != "sam3" else ". ")
+        + ("Stage 1: SAM3 random weights, 5 box prompts, masks forced; " if args.segmenter == "sam3" else "Stage 1: the classical segmenter, 5 box prompts; ")
+        + "stage 2: inflate lifter, exports with gsplat turntables."
     )
 
     def f(v, fmt="{:.2f}"):

@@ -21,6 +21,7 @@ from pathlib import Path
 from pipeline.core.config import LifterConfig, SegmenterConfig, VLMServerConfig
 from pipeline.core.device import nvidia_smi
 from pipeline.core.hub import hf_token
+from pipeline.plan.server import RUNTIME_OVERHEAD_GIB as VLLM_OVERHEAD_GIB
 from pipeline.plan.server import SCENE_SHARE
 from pipeline.selection import sam3d_root
 
@@ -48,12 +49,10 @@ MINOR_COMPAT_FLOOR = {13: 580, 12: 525, 11: 450}
 
 # GPU memory per stage with our defaults (GiB). Qwen3-VL-8B: 8.77 B parameters in bf16 = 16.3 GiB;
 # its KV cache is 36 layers x 8 KV heads x 128 x 2 (K, V) x 2 bytes = 144 KiB per token of
-# --max-model-len; about 4 GiB more for vLLM's profiling peak (one image, capped), CUDA graphs and
-# the non-torch part (audits/vllm-qwen3vl.md #2). vLLM takes --gpu-memory-utilization of the
-# WHOLE GPU, so the GPU needs need / share.
+# --max-model-len; plus VLLM_OVERHEAD_GIB (pipeline.plan.server.RUNTIME_OVERHEAD_GIB, the launcher's
+# own figure). vLLM takes --gpu-memory-utilization of the WHOLE GPU, so the GPU needs need / share.
 QWEN3_VL_8B_WEIGHTS_GIB = 16.3
 QWEN3_VL_8B_KV_KIB_PER_TOKEN = 144
-VLLM_OVERHEAD_GIB = 4.0
 # SAM3 image model: 840.5 M parameters kept in fp32 (3.1 GiB), plus about 0.3 GiB per phrase
 # grounded in one batch (9.5 GiB measured for 32 phrases in bf16, docs/PERFORMANCE.md), plus the
 # CUDA context and cuDNN workspace (about 1 GiB).

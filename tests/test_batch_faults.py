@@ -197,6 +197,17 @@ def test_photo_that_keeps_killing_its_worker_is_marked_failed(tmp_path: Path):
 # ---------------------------------------------------------------- the driver killed mid-batch, then resumed
 
 
+def _kill_batch_when(driver: subprocess.Popen, ready, timeout: float, what: str) -> None:
+    """Poll ready() every 50 ms (at most `timeout` s, else fail with `what`), then kill the whole
+    batch: its process group, as a terminal's kill would. Killed also when the wait fails."""
+    try:
+        assert wait_for(ready, timeout, 0.05), what
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+
+
 @pytest.mark.slow
 def test_driver_killed_mid_batch_resumes_without_losing_anything(tmp_path: Path):
     photos = tmp_path / "photos"
@@ -209,15 +220,7 @@ def test_driver_killed_mid_batch_resumes_without_losing_anything(tmp_path: Path)
     driver = subprocess.Popen(
         argv, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    try:
-        # Kill the whole batch (its process group, as a terminal's kill would) once two photos are planned.
-        assert wait_for(lambda: len(list(out.glob("**/masks/masks.json"))) >= 2, 180, 0.05), "stage 1 made no progress"
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=30)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-            driver.wait()
+    _kill_batch_when(driver, lambda: len(list(out.glob("**/masks/masks.json"))) >= 2, 180, "stage 1 made no progress")
     # Whatever the driver had started goes away with it (workers see their stdin close; the vLLM
     # server dies with its launcher).
     assert not wait_for(lambda: _stage_workers("stage1", tmp_path) or processes("fake_vllm.py", str(tmp_path)), 30), (
@@ -255,16 +258,8 @@ def test_driver_killed_during_stage_2_keeps_finished_photos(tmp_path: Path):
         except (OSError, ValueError, KeyError):
             return []
 
-    spawned: set[int] = set()
-    try:
-        assert wait_for(lambda: spawned.update(children(driver.pid)) or len(done_photos()) >= 1, 300, 0.05), "no photo finished"
-        spawned |= children(driver.pid)
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=30)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-            driver.wait()
+    spawned: set[int] = set()  # the driver's children, gathered at every poll up to the kill
+    _kill_batch_when(driver, lambda: spawned.update(children(driver.pid)) or len(done_photos()) >= 1, 300, "no photo finished")
     # Generous: a worker killed inside an fsync leaves only when the disk has answered.
     left = wait_for(lambda: alive(spawned), 60, 0.1)
     seen = describe_processes(left)

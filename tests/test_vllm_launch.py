@@ -113,12 +113,12 @@ def test_memory_estimate_warns_when_the_share_is_too_small(fake: dict, capsys: p
     with open(fake["model"] / "model.safetensors", "wb") as fh:
         fh.truncate(int(16.3 * 2**30))
     need = launcher.estimate_vllm_gib(fake["model"], 32768)
-    assert need == pytest.approx(16.3 + 4.5 + 3.0, abs=0.01)  # 144 KiB/token x 32768 = 4.5 GiB KV
-    assert launcher.estimate_vllm_gib(fake["model"], 32768, tensor_parallel_size=2) == pytest.approx((16.3 + 4.5) / 2 + 3.0, abs=0.01)
+    assert need == pytest.approx(16.3 + 4.5 + 4.0, abs=0.01)  # 144 KiB/token x 32768 = 4.5 GiB KV
+    assert launcher.estimate_vllm_gib(fake["model"], 32768, tensor_parallel_size=2) == pytest.approx((16.3 + 4.5) / 2 + 4.0, abs=0.01)
     fake_smi(fake, [(32607, 32000)])  # a 32 GB card in query mode
     server(fake, "query").argv(fake["model"])
     err = capsys.readouterr().err
-    assert "warning: vLLM gets" in err and "needs about 23.8 GiB" in err and "--max-model-len" in err
+    assert "warning: vLLM gets" in err and "needs about 24.8 GiB" in err and "--max-model-len" in err
     fake_smi(fake, [H100])
     server(fake, "query").argv(fake["model"])
     assert "warning" not in capsys.readouterr().err

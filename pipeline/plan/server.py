@@ -59,8 +59,10 @@ FREE_MARGIN = 0.02
 whole share is free (v1/worker/utils.py:760-770)."""
 VISION_UNIT = 32
 """Qwen3-VL: 16-pixel patches merged 2x2, so image sides are rounded to multiples of 32."""
-RUNTIME_OVERHEAD_GIB = 3.0
-"""Beyond weights and KV cache: CUDA context, profiling peak, sampler and CUDA graphs (estimate)."""
+RUNTIME_OVERHEAD_GIB = 4.0
+"""Beyond weights and KV cache: vLLM's profiling peak (one image, capped), CUDA graphs, the CUDA
+context and the non-torch part (audits/vllm-qwen3vl.md #2). One figure for the launcher's warning
+and the doctor's GPU check (pipeline/doctor.py)."""
 
 
 class ServerStartError(BackendError):

@@ -144,6 +144,7 @@ def _resolve_run_dir(cfgs, command: str, *, allow: frozenset[str] = frozenset())
     import os
 
     from pipeline.core.errors import InputError
+    from pipeline.core.runfolder import foreign_entries
 
     if cfgs.run.out is not None:
         run_dir = Path(cfgs.run.out)
@@ -155,7 +156,7 @@ def _resolve_run_dir(cfgs, command: str, *, allow: frozenset[str] = frozenset())
         run_dir = default_run_dir(Path(cfgs.run.image))
     if run_dir.exists() and not run_dir.is_dir():
         raise InputError(f"--out {run_dir} is a file, not a folder.", "pass a new folder or an existing run folder.")
-    if run_dir.is_dir() and not (run_dir / "run.json").exists() and set(os.listdir(run_dir)) - allow:
+    if foreign_entries(run_dir, allow):
         raise InputError(
             f"--out {run_dir} is a folder with other files in it and no run.json.",
             "pass a new folder (it is created) or a run folder made by this pipeline; nothing was written.",

@@ -341,7 +341,7 @@ def _timeline(root: Path) -> dict[str, float]:
 @pytest.mark.parametrize("shares", [None, ["--stage1-gpus", "1", "--stage2-gpus", "1"]], ids=["default", "whole-gpus-given"])
 def test_ray_engine_gives_each_gpu_one_worker_of_each_stage(photos: Path, tmp_path: Path, shares):
     """A cluster with 2 (logical) GPUs and no vLLM to start (a hosted one, --vlm-url, whose answers
-    take 1.5 s): by default each GPU gets one stage 1 and one stage 2 actor (one placement-group
+    take 2.5 s): by default each GPU gets one stage 1 and one stage 2 actor (one placement-group
     bundle per GPU), so stage 2's actors are ready before stage 1 has finished, and the two stage 1
     actors are on different GPUs (Ray alone packs two half-GPU actors onto one). With whole GPUs
     asked for, stage 2 waits for stage 1 to end."""
@@ -352,7 +352,7 @@ def test_ray_engine_gives_each_gpu_one_worker_of_each_stage(photos: Path, tmp_pa
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 2, "object_store_memory": 80 * 1024**2, "include_dashboard": False})
     try:
         root = tmp_path / "out"
-        with FakeOpenAIServer([Reply(content=replies[0])], chat_delay=1.5) as hosted:
+        with FakeOpenAIServer([Reply(content=replies[0])], chat_delay=2.5) as hosted:
             proc = run_batch(
                 photos, root, *VLM_LITE, "--device", "cpu", *FAST, *flags, "--vlm-url", hosted.url, "--vlm-concurrency", "2",
                 "--engine", "ray", "--ray-address", cluster.address, *(shares or []), env=env,

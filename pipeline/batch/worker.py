@@ -22,9 +22,9 @@ from typing import Any, BinaryIO
 from pipeline.batch import manifest as M
 from pipeline.batch.protocol import PROTOCOL_VERSION, answer, decode, encode
 from pipeline.core.errors import InputError, PipelineError, describe
-from pipeline.core.runfolder import RunPaths
+from pipeline.core.runfolder import RunPaths, foreign_entries
 
-_OWN_ENTRIES = {"run.json", "report.html", "input", "logs", "stage1", "masks", "objects", "scene"}
+_OWN_ENTRIES = frozenset({"run.json", "report.html", "input", "logs", "stage1", "masks", "objects", "scene"})
 
 
 class _PhotoLog:
@@ -133,13 +133,12 @@ def _check_run_dir(run_dir: Path) -> None:
         raise InputError(f"run_dir {run_dir} is not absolute.", "the driver sends absolute paths.")
     if run_dir.exists() and not run_dir.is_dir():
         raise InputError(f"{run_dir} is a file, not a run folder.", "move it away; the batch puts this photo's run folder there.")
-    if run_dir.is_dir() and not (run_dir / "run.json").exists():
-        foreign = {e for e in os.listdir(run_dir) if not e.startswith(".tmp-")} - _OWN_ENTRIES
-        if foreign:
-            raise InputError(
-                f"{run_dir} holds other files ({', '.join(sorted(foreign)[:3])}) and no run.json.",
-                "move them away; the batch puts this photo's run folder there.",
-            )
+    foreign = foreign_entries(run_dir, _OWN_ENTRIES)
+    if foreign:
+        raise InputError(
+            f"{run_dir} holds other files ({', '.join(foreign[:3])}) and no run.json.",
+            "move them away; the batch puts this photo's run folder there.",
+        )
 
 
 def _protocol_out() -> BinaryIO:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.atomic import write_json_atomic
+from pipeline.core.atomic import TMP_PREFIX, write_json_atomic
 
 MANIFEST_VERSION = 1
 OBJECT_ID_RE = re.compile(r"^obj_\d{3,}$")
@@ -54,6 +54,18 @@ def default_run_dir(image: Path, root: Path | None = None) -> Path:
     root = default_outputs_root() if root is None else root
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", image.stem)[:60] or "image"
     return root / f"{stem}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def foreign_entries(run_dir: Path, allow: frozenset[str] = frozenset()) -> list[str]:
+    """What stops us writing into an existing folder: its entries, sorted, when it has no run.json
+    (not a run folder of ours), leaving out our own temporaries (a killed run's) and `allow` (what
+    the caller put there itself). [] for a new, empty or own folder. Both the CLI (--out) and the
+    batch worker (a photo's run folder) refuse a folder where this is not empty."""
+    import os
+
+    if not run_dir.is_dir() or (run_dir / "run.json").exists():
+        return []
+    return sorted(e for e in os.listdir(run_dir) if not e.startswith(TMP_PREFIX) and e not in allow)
 
 
 @dataclass(frozen=True)

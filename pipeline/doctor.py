@@ -21,6 +21,7 @@ from pathlib import Path
 from pipeline.core.config import LifterConfig, SegmenterConfig, VLMServerConfig
 from pipeline.core.device import nvidia_smi
 from pipeline.core.hub import hf_token
+from pipeline.masks.sam3 import SAM3_PIP_NAMES
 from pipeline.plan.server import RUNTIME_OVERHEAD_GIB as VLLM_OVERHEAD_GIB
 from pipeline.plan.server import SCENE_SHARE
 from pipeline.selection import sam3d_root
@@ -62,19 +63,21 @@ SAM3_OVERHEAD_GIB = 1.0
 
 # What each stage imports, as (module[:attribute], pip package or install step).
 SAM3_IMPORTS = [
-    ("torch", "torch==2.7.1"),
-    ("numpy", "numpy==1.26.0"),
-    ("einops", "einops"),  # up: sam3/sam/rope.py:13 (not declared by sam3)
-    ("psutil", "psutil"),  # up: sam3/model/sam3_video_predictor.py:15 (not declared by sam3)
-    ("decord", "decord==0.6.0"),  # up: sam3/train/data/sam3_image_dataset.py:18 (x86-64 wheels only)
-    ("iopath", "iopath"),
-    ("timm", "timm"),
-    ("pycocotools", "pycocotools"),
-    ("cv2", "opencv-python-headless"),
-    ("open_clip", "open_clip_torch"),
-    ("openai", "openai"),
-    ("sam3.model_builder:build_sam3_image_model", "-e ./sam3"),
-]
+    (module, SAM3_PIP_NAMES.get(module, module))
+    for module in (
+        "torch",
+        "numpy",
+        "einops",  # up: sam3/sam/rope.py:13 (not declared by sam3)
+        "psutil",  # up: sam3/model/sam3_video_predictor.py:15 (not declared by sam3)
+        "decord",  # up: sam3/train/data/sam3_image_dataset.py:18 (x86-64 wheels only)
+        "iopath",
+        "timm",
+        "pycocotools",
+        "cv2",
+        "open_clip",
+        "openai",
+    )
+] + [("sam3.model_builder:build_sam3_image_model", "-e ./sam3")]
 # up: sam-3d-objects notebook/inference.py:11-34 (cf06676) and what it pulls in
 # (sam3d_objects/pipeline/inference_utils.py:4 imports open3d). The value is upstream's pip step
 # (doc/setup.md) that installs the module.

@@ -65,10 +65,15 @@ SAM3_HF_CHECKPOINT = "sam3.pt"
 SAM3_HF_CONFIG = "config.json"
 SAM3_RESOLUTION = 1008  # the image side the model was trained at (Sam3Processor's default)
 SAM3_INSTALL = "bash envs/setup.sh sam3   (or, inside that env: pip install sam3==0.1.4 einops psutil pycocotools open_clip_torch)"
-# pip names of modules the pinned sam3 imports where they differ from the module (decord: x86-64 wheels only).
+# What to pip install for a module the sam3 env needs, where that is not the module's own name or
+# needs a pin (decord: x86-64 wheels only). One table for this backend's missing-import message and
+# the doctor's sam3 env check (pipeline/doctor.py).
 SAM3_PIP_NAMES = {
+    "torch": "torch==2.7.1",
+    "numpy": "numpy==1.26.0",
     "cv2": "opencv-python-headless",
     "decord": "decord==0.6.0",
+    "open_clip": "open_clip_torch",
     "PIL": "pillow",
     "yaml": "pyyaml",
     "sklearn": "scikit-learn",

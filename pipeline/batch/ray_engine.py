@@ -448,8 +448,9 @@ class RayEngine:
         ray = _ray()
         nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
         gpu_nodes = [r for r in nodes if int(r.get("GPU", 0)) > 0]
-        count = sum(int(r["GPU"]) for r in gpu_nodes)
-        if not count or any(r.get("CPU", 0) < 2 * b.worker_cpus * int(r["GPU"]) for r in gpu_nodes):
+        # Whole GPUs free now (a shared cluster may run other jobs): a bundle per GPU we can have.
+        count = min(sum(int(r["GPU"]) for r in gpu_nodes), int(ray.available_resources().get("GPU", 0)))
+        if count < 1 or any(r.get("CPU", 0) < 2 * b.worker_cpus * int(r["GPU"]) for r in gpu_nodes):
             return False
         need = colocated_gpu_need(cfgs)
         if self.local:
@@ -465,8 +466,8 @@ class RayEngine:
         from ray.util.placement_group import placement_group, remove_placement_group
 
         group = placement_group([{"GPU": 1.0, "CPU": 2 * b.worker_cpus}] * count, strategy="PACK")
-        ready, _ = ray.wait([group.ready()], timeout=60)
-        if not ready:
+        ready, _ = ray.wait([group.ready()], timeout=15)
+        if not ready:  # e.g. GPUs taken in part by other jobs: go stage by stage instead
             remove_placement_group(group)
             return False
         self.slots = group

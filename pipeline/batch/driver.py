@@ -18,6 +18,7 @@ import os
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
@@ -399,24 +400,25 @@ class _Batch:
 
     def _collect(self, futures: dict[Future, tuple[str, int]], *, then=None, until_stage1_done=None) -> None:
         pending = dict(futures)
-        stage1_left = sum(1 for s, _ in pending.values() if s == "stage1")
-        answered: dict[str, int] = {}
+        left = Counter(s for s, _ in pending.values())  # photos in flight per stage
+        answered: Counter[str] = Counter()
         while pending:
             done, _ = wait(list(pending), timeout=1.0, return_when=FIRST_COMPLETED)
             for f in done:
                 stage, i = pending.pop(f)
+                left[stage] -= 1
                 self._finish(stage, i, f)
-                answered[stage] = answered.get(stage, 0) + 1
+                answered[stage] += 1
                 if answered[stage] == 1:
                     mark(f"{stage} first photo answered")
-                if not any(s == stage for s, _ in pending.values()):
+                if left[stage] == 0:
                     mark(f"{stage} last photo answered ({answered[stage]})")
                 if then is not None:
-                    pending.update(then(stage, i))
-                if stage == "stage1":
-                    stage1_left -= 1
-                    if stage1_left == 0 and until_stage1_done is not None:
-                        until_stage1_done()
+                    more = then(stage, i)
+                    pending.update(more)
+                    left.update(s for s, _ in more.values())
+                if stage == "stage1" and left["stage1"] == 0 and until_stage1_done is not None:
+                    until_stage1_done()
             for name, pool in self.pools.items():  # pids, restarts and states as they change
                 self.manifest.workers[name] = pool.info()
             self.manifest.save()

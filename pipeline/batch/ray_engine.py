@@ -336,8 +336,9 @@ class RayVLM:
 
 class RayEngine:
     name = "ray"
-    # Stage 2's actors are created while stage 1 runs: Ray places them only on resources stage 1 does
-    # not hold (so GPU stage-major still holds), and their start is off the critical path.
+    # Stage 2's actors are created while stage 1 runs. Ray places them only on resources stage 1 does
+    # not hold (so GPU stage-major still holds), unless colocate() gave each GPU one bundle for one
+    # worker of each stage; then they start beside stage 1's, off the critical path.
     prewarm_stage2 = True
 
     def __init__(self, bcfg: Any):

@@ -384,3 +384,18 @@ def test_ray_engine_gives_each_gpu_one_worker_of_each_stage(photos: Path, tmp_pa
         assert gpus1 == ["0", "1"] and gpus2 == ["0", "1"], workers
         ready2 = min(t for k, t in marks.items() if k.startswith("stage2-worker-") and k.endswith(" ready"))
         assert ready2 > marks["stage1 workers closing"], f"whole GPUs asked for, yet stage 2 started during stage 1: {marks}"
+
+
+@pytest.mark.slow
+def test_pipelined_batch_runs_stage_2_while_stage_1_plans(photos: Path, tmp_path: Path):
+    """--pipelined: a photo goes to stage 2 as soon as it is planned (the driver's _collect hands it
+    on), one vLLM server serves the planning, stage 1's workers close, and every photo ends done."""
+    flags, env = stand_in_vllm(tmp_path / "vllm", chat_delay=CHAT_DELAY)
+    root = tmp_path / "out"
+    proc = run_batch(photos, root, *VLM_LITE, *FAST, *flags, "--pipelined", "--vlm-concurrency", "1", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert set(statuses(read_batch(root)).values()) == {"done"}
+    assert server_starts(read_stats(tmp_path / "vllm" / "stats.jsonl")) == 1
+    marks = _timeline(root)
+    assert marks["stage2 first photo answered"] < marks[f"stage1 last photo answered ({N_PHOTOS})"], marks
+    assert "stage1 workers closed" in marks, marks

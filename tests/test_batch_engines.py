@@ -399,3 +399,30 @@ def test_pipelined_batch_runs_stage_2_while_stage_1_plans(photos: Path, tmp_path
     marks = _timeline(root)
     assert marks["stage2 first photo answered"] < marks[f"stage1 last photo answered ({N_PHOTOS})"], marks
     assert "stage1 workers closed" in marks, marks
+
+
+@needs_ray
+@pytest.mark.slow
+@pytest.mark.parametrize("free_mib,shared", [(81000, True), (1500, False)], ids=["fits", "too-little-free-memory"])
+def test_local_ray_shares_gpus_only_where_free_memory_allows(photos: Path, tmp_path: Path, free_mib: int, shared: bool):
+    """The local-Ray side of co-location: the GPUs come from Ray (2, given through Ray's own
+    RAY_OVERRIDE_RESOURCES, ray/_private/resource_and_label_spec.py:180-192) and their free memory
+    from nvidia-smi (a stand-in on PATH that prints memory.free in MiB, as `--format=csv,noheader,
+    nounits` does). The classical segmenter and the built-in lifter need 2.5 GiB together: 79 GiB free
+    shares each GPU between the stages, 1.5 GiB free does not."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "smi-args"}\nprintf "{free_mib}\\n{free_mib}\\n"\n')
+    smi.chmod(0o755)
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CUDA_VISIBLE_DEVICES": "0,1", "RAY_OVERRIDE_RESOURCES": json.dumps({"GPU": 2, "CPU": 4})}
+    root = tmp_path / "out"
+    proc = run_batch(photos, root, "--planner", "none", "--segmenter", "classical", "--lifter", "inflate", "--renderer", "cpu", "--device", "cpu",
+                     *FAST, "--engine", "ray", env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert set(statuses(read_batch(root)).values()) == {"done"}
+    assert "--query-gpu=memory.free" in (tmp_path / "smi-args").read_text() and "-i 0,1" in (tmp_path / "smi-args").read_text()
+    marks = _timeline(root)
+    assert ("stages share 2 GPU bundle(s)" in marks) is shared, sorted(marks)
+    workers = read_batch(root)["workers"]
+    assert sorted(w["gpu"] for w in workers["stage1"]) == ["0", "1"], workers

@@ -455,12 +455,12 @@ class RayEngine:
             return False
         need = colocated_gpu_need(cfgs)
         if self.local:
-            from pipeline.batch.local import visible_gpus
             from pipeline.core.device import nvidia_smi
 
-            visible = set(visible_gpus(None))
-            free = [float(cells[1]) / 1024 for cells in nvidia_smi("index", "memory.free") if len(cells) > 1 and cells[0] in visible]
-            if need is None or not free or min(free) < need:
+            # The GPUs our local Ray sees: CUDA_VISIBLE_DEVICES (nvidia-smi -i takes its ids), else all.
+            rows = nvidia_smi("memory.free", ids=os.environ.get("CUDA_VISIBLE_DEVICES") or None)
+            free = [float(cells[0]) / 1024 for cells in rows if cells and cells[0].replace(".", "", 1).isdigit()]  # MiB -> GiB
+            if need is None or not free or len(free) < len(rows) or min(free) < need:
                 return False
         elif need is None:
             return False

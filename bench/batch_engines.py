@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from batch_fixture import FAST, ROOT, VLM_LITE, batch_argv, make_photos, max_in_flight, read_stats, server_starts, stand_in_vllm  # noqa: E402
+from batch_scaling import timeline  # noqa: E402
 from timing import machine_line  # noqa: E402
 
 
@@ -108,6 +109,7 @@ def one_batch(photos: Path, work: Path, mode: str, chat_delay: float) -> tuple[f
     argv = batch_argv(photos, work / "out", *VLM_LITE, *FAST, *flags, *engine, "--vlm-concurrency", "8")
     try:
         t0 = time.perf_counter()
+        wall0 = time.time()
         proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **env})
         seconds = time.perf_counter() - t0
     finally:
@@ -121,6 +123,7 @@ def one_batch(photos: Path, work: Path, mode: str, chat_delay: float) -> tuple[f
         "done": sum(p["status"] == "done" for p in batch["photos"]),
         "in_flight": max_in_flight(stats),
         "starts": server_starts(stats),
+        "timeline": timeline(work / "out", wall0),
     }
 
 
@@ -129,6 +132,7 @@ def main() -> int:
     parser.add_argument("--photos", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--chat-delay", type=float, default=2.0, help="seconds each stand-in VLM answer takes")
+    parser.add_argument("--timeline", action="store_true", help="print each mode's best run's milestones (the driver's timeline lines), seconds from its start")
     parser.add_argument("--modes", default="local,ray", help="comma list of local, ray (a local Ray of the driver's own), ray-running (a Ray started before)")
     args = parser.parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -151,6 +155,10 @@ def main() -> int:
         best[mode] = seconds
         every = ", ".join(f"{s:.1f}" for s, _ in runs)
         print(f"| {mode} | {seconds:.1f} | {every} | {info['done']}/{args.photos} | {max(i['in_flight'] for _, i in runs)} | {info['starts']} |")
+    if args.timeline:
+        for mode, runs in results.items():
+            marks = min(runs, key=lambda x: x[0])[1]["timeline"]
+            print(f"\n{mode}, best run: " + "; ".join(f"{k} {v:.2f}" for k, v in marks.items()))
     ok = True
     for mode in modes[1:]:
         ratio = best[mode] / best["local"]

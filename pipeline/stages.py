@@ -188,8 +188,7 @@ class Stage1:
         from pipeline.plan.vlm import VLMPlanner
 
         if not self.choice.start_vlm_server:
-            started = started_vllm_planner_args(self.cfg) if self.started_vllm else {}
-            yield VLMPlanner(self.cfg.planner, seed=self.cfg.run.seed, **started)
+            yield self._client_planner()
             return
         from pipeline.plan.server import VLLMServer
 
@@ -212,11 +211,39 @@ class Stage1:
                     f"see {log_path}; if it ran out of GPU memory, lower --gpu-memory-utilization or --max-model-len.",
                 ) from exc
 
+    def _client_planner(self):
+        """A planner for a server that runs already (--vlm-url, or the batch's own vLLM)."""
+        from pipeline.plan.vlm import VLMPlanner
+
+        started = started_vllm_planner_args(self.cfg) if self.started_vllm else {}
+        return VLMPlanner(self.cfg.planner, seed=self.cfg.run.seed, **started)
+
+    def plan_key(self, image_sha: str) -> str:
+        """What a plan depends on: the photo's pixels, every planner setting but where the server is
+        and its key, and the seed. A plan made ahead is used only where this key matches."""
+        settings = {k: v for k, v in C.to_record(self.cfg.planner).items() if k not in ("vlm_url", "vlm_api_key")}
+        return _key("plan", image_sha, settings, self.cfg.run.seed)
+
+    def plan_ahead(self, image_path: Path) -> dict[str, Any]:
+        """Plan a photo without a run folder and without the segmenter: {"key", "record"} (the record
+        is plan.json's content) for `process(..., ahead=...)`. A batch asks the VLM this way while its
+        stage 1 workers still start. Needs a running server; raises what planning raises."""
+        from pipeline.plan.vlm import plan_record
+
+        if self.choice.planner != "vlm" or self.choice.start_vlm_server:
+            raise InputError("planning ahead needs a running VLM server (--vlm-url or the batch's own).", "start one, or plan in the workers.")
+        image, sha = load_input_photo(Path(image_path))
+        planner = self._client_planner()
+        plan = planner.plan(image, query=self.cfg.planner.prompt)
+        return {"key": self.plan_key(sha), "record": plan_record(plan, {**planner.last_request, "planned_ahead": True})}
+
     def input_key(self, image_sha: str) -> str:
         c = self.cfg
         return _key(image_sha, self.choice.planner, self.choice.segmenter, C.to_record(c.segmenter), c.planner.prompt, c.planner.max_objects, c.planner.vlm_model if self.choice.planner == "vlm" else None)
 
-    def process(self, image_path: Path, run_dir: Path) -> dict[str, Any]:
+    def process(self, image_path: Path, run_dir: Path, *, ahead: dict[str, Any] | None = None) -> dict[str, Any]:
+        """`ahead`: a plan made by `plan_ahead` for this photo; used in place of asking the VLM when
+        its key matches this photo and these settings, else ignored."""
         paths = RunPaths(Path(run_dir))
         paths.root.mkdir(parents=True, exist_ok=True)
         clean_stale_temporaries(paths.written_folders())
@@ -242,14 +269,22 @@ class Stage1:
         with contextlib.ExitStack() as server_scope:
             planner = server_scope.enter_context(self.planner(paths))
             t = time.perf_counter()
+            request = None
             if planner is not None:
-                plan = self._plan_or_record(paths, planner, image)
+                if ahead and ahead.get("key") == self.plan_key(sha) and isinstance(ahead.get("record"), dict):
+                    from pipeline.plan.vlm import plan_from_record
+
+                    plan = plan_from_record(ahead["record"])
+                    request = {**ahead["record"].get("request", {}), "timing": ahead["record"].get("timing", {})}
+                    self.log(f"stage 1: planned ahead while the workers started ({len(plan.items)} objects)")
+                else:
+                    plan = self._plan_or_record(paths, planner, image)
                 plan.items = boxes + plan.items
             else:
                 plan = Plan(items=boxes, mode="none", query=self.cfg.planner.prompt)
             timings["plan"] = time.perf_counter() - t
             # Kept now: a segmenter failure below must not lose minutes of VLM thinking.
-            self._write_plan(paths, plan, planner)
+            self._write_plan(paths, plan, planner, request)
             if not self.cfg.planner.prompt:
                 # Scene mode needs the VLM no more: stop vLLM now so SAM3 gets its GPU memory.
                 server_scope.close()
@@ -264,7 +299,7 @@ class Stage1:
                 keep = set(planner.verify(image, candidates, self.cfg.planner.prompt))
                 masks = own + [m for i, m in enumerate(candidates) if i in keep]
                 timings["verify"] = time.perf_counter() - t
-                self._write_plan(paths, plan, planner)  # now with the verification
+                self._write_plan(paths, plan, planner, request)  # now with the verification
         if not masks:
             raise InputError(
                 "stage 1 found no objects in the photo; nothing was written to masks/.",
@@ -294,14 +329,15 @@ class Stage1:
                 self._write_plan(paths, exc.plan, planner)
             raise
 
-    def _write_plan(self, paths: RunPaths, plan: Plan, planner) -> None:
+    def _write_plan(self, paths: RunPaths, plan: Plan, planner, request: dict[str, Any] | None = None) -> None:
+        """`request`: what was asked for a plan made ahead (else the planner's last request)."""
         if planner is None:
             record = {"format_version": 1, "planner": "none", "mode": plan.mode, "query": plan.query,
                       "items": [{"phrase": i.phrase, "box_xyxy": list(i.box_xyxy) if i.box_xyxy else None} for i in plan.items]}
         else:
             from pipeline.plan.vlm import plan_record
 
-            record = plan_record(plan, planner.last_request, verification=getattr(planner, "last_verification", None))
+            record = plan_record(plan, request or planner.last_request, verification=getattr(planner, "last_verification", None))
         write_json_atomic(paths.plan, record)
 
 

@@ -144,6 +144,16 @@ def max_in_flight(stats: list[dict]) -> int:
     return max((e["max_in_flight"] for e in stats if e["event"] == "chat"), default=0)
 
 
+def planned_ahead(out: Path) -> tuple[int, int | None]:
+    """(run folders whose stage1/plan.json was planned ahead by the driver, the count the driver logged)."""
+    import re
+
+    files = sum(1 for p in out.rglob("stage1/plan.json") if json.loads(p.read_text()).get("request", {}).get("planned_ahead"))
+    log = out / "logs" / "pipeline.log"
+    logged = re.findall(r"planning ahead done \((\d+) planned", log.read_text()) if log.exists() else []
+    return files, int(logged[-1]) if logged else None
+
+
 def batch_argv(images: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "pipeline", "batch", "--images", str(images), "--out", str(out), *map(str, extra)]
 

@@ -23,6 +23,7 @@ from batch_fixture import (
     VLM_LITE,
     make_photos,
     max_in_flight,
+    planned_ahead,
     read_batch,
     read_stats,
     run_batch,
@@ -131,6 +132,8 @@ def test_local_engine_one_server_and_requests_in_flight(local_batch, photos: Pat
     assert server_starts(stats) == 1, "one vLLM server for the whole batch"
     assert sum(1 for e in stats if e["event"] == "chat") == N_PHOTOS
     assert max_in_flight(stats) >= min(8, N_PHOTOS), f"at most {max_in_flight(stats)} VLM requests were in flight"
+    # Planned while the worker started (all eight in flight then), each photo asked once all the same.
+    assert planned_ahead(local_batch["out"]) == (N_PHOTOS, N_PHOTOS)
     assert (local_batch["out"] / "index.html").is_file()
     assert not temp_files(local_batch["out"])
 
@@ -204,6 +207,9 @@ def test_ray_engine_local_ray_one_server_and_requests_in_flight(ray_batch):
     stats = read_stats(ray_batch["stats"])
     assert server_starts(stats) == 1, "one vLLM server on the one node"
     assert max_in_flight(stats) >= min(8, N_PHOTOS), f"at most {max_in_flight(stats)} VLM requests were in flight"
+    # Our own local Ray: the driver plans while Ray and the actors start; the actors ask nothing again.
+    assert sum(1 for e in stats if e["event"] == "chat") == N_PHOTOS
+    assert planned_ahead(ray_batch["out"]) == (N_PHOTOS, N_PHOTOS)
     assert not temp_files(ray_batch["out"])
 
 
@@ -309,6 +315,8 @@ def test_ray_engine_on_a_two_node_cluster(photos: Path, tmp_path: Path, monkeypa
     stats = read_stats(tmp_path / "vllm" / "stats.jsonl")
     assert 1 <= server_starts(stats) <= 2, "at most one vLLM server per node"
     assert sum(1 for e in stats if e["event"] == "chat") == N_PHOTOS
+    # Each node's vLLM listens on its own loopback: the driver does not plan ahead on a cluster.
+    assert planned_ahead(tmp_path / "out") == (0, None)
 
 
 def test_ray_engine_without_ray_is_one_line_naming_the_install(photos: Path, tmp_path: Path):

@@ -26,6 +26,7 @@ from batch_fixture import (
     describe_processes,
     make_photos,
     make_user_folder,
+    planned_ahead,
     processes,
     read_batch,
     read_stats,
@@ -148,8 +149,12 @@ def _batch_with_slow_vlm(tmp_path: Path, n_photos: int, *extra: str):
 def test_stage_worker_killed_mid_photo_is_restarted_and_the_photo_retried(tmp_path: Path):
     driver, stats_path, before = _batch_with_slow_vlm(tmp_path, 3, "--vlm-concurrency", "1")
     try:
-        # The first photo is in flight: its VLM request is being answered (2 s).
-        assert wait_for(lambda: any(e["event"] == "chat" for e in read_stats(stats_path)), 120), "no VLM request arrived"
+        # The driver plans ahead while the worker starts (its log says how many); the next VLM
+        # request is the worker's own: a photo in flight there for 2 s.
+        assert wait_for(lambda: planned_ahead(tmp_path / "out")[1] is not None, 120), "the driver did not plan ahead"
+        ahead = planned_ahead(tmp_path / "out")[1]
+        assert ahead is not None and 1 <= ahead < 3, ahead
+        assert wait_for(lambda: sum(e["event"] == "chat" for e in read_stats(stats_path)) > ahead, 120), "the worker asked the VLM nothing"
         workers = set(_stage_workers("stage1", tmp_path)) - before
         assert len(workers) == 1, workers
         victim = workers.pop()
@@ -166,11 +171,13 @@ def test_stage_worker_killed_mid_photo_is_restarted_and_the_photo_retried(tmp_pa
     assert {e["status"] for e in batch["photos"]} == {"done"}, batch["photos"]
     chats = [e for e in read_stats(stats_path) if e["event"] == "chat"]
     assert len(chats) == 4, "three photos planned once each, plus the killed one again"
+    assert planned_ahead(tmp_path / "out") == (ahead, ahead), "the plans made ahead were used, not asked for again"
     assert server_starts(read_stats(stats_path)) == 1, "the vLLM server outlives a stage worker's crash"
 
 
 def test_photo_that_keeps_killing_its_worker_is_marked_failed(tmp_path: Path):
-    driver, stats_path, before = _batch_with_slow_vlm(tmp_path, 1, "--max-attempts", "2")
+    # The worker plans the photo itself (no plan made ahead): each attempt is a VLM request in flight there.
+    driver, stats_path, before = _batch_with_slow_vlm(tmp_path, 1, "--max-attempts", "2", "--no-plan-ahead")
     killed: set[int] = set()
     try:
         # Every time a worker has the photo in flight, kill it (a photo that segfaults its worker).

@@ -305,19 +305,56 @@ class _Batch:
             env = self.vlm.start()
             mark("vLLM ready")
             self.manifest.vlm = self.vlm.info()
-        if "stage2" in self.stages and hasattr(self.engine, "colocate"):
-            # Ray: one stage 1 and one stage 2 actor per GPU where both fit, so stage 2 starts meanwhile.
-            self.engine.colocate(self.cfgs, vlm_started=self.vlm is not None)
-        n = self.engine.default_workers("stage1")
+        # The server is up: plan the first photos in the driver while Ray and the workers start.
+        planning = self._plan_ahead(todo, self._ahead_stage(env)) if planner == "vlm" and self.bcfg.plan_ahead and self.engine.plans_ahead else None
+        try:
+            if "stage2" in self.stages and hasattr(self.engine, "colocate"):
+                # Ray: one stage 1 and one stage 2 actor per GPU where both fit, so stage 2 starts meanwhile.
+                self.engine.colocate(self.cfgs, vlm_started=self.vlm is not None)
+            n = self.engine.default_workers("stage1")
+        except BaseException:
+            if planning is not None:
+                planning.abandon()
+            raise
         concurrency = max(1, math.ceil(self.bcfg.vlm_concurrency / n)) if planner == "vlm" else 1
         if self.progress:
             self.progress.stage("stage 1")
         spec = self._spec("stage1", concurrency, env)
         if self.bcfg.pipelined and "stage2" in self.stages:
-            self._pipelined(todo, spec, n)
+            self._pipelined(todo, spec, n, planning)
             return
-        self._run_stage("stage1", todo, spec=spec, n=n, prewarm="stage2" in self.stages)
+        self._run_stage("stage1", todo, spec=spec, n=n, prewarm="stage2" in self.stages, planning=planning)
         self._stop_vlm()
+
+    def _ahead_stage(self, env: dict[str, str]) -> Any:
+        """A Stage1 in the driver that reaches the running server, for planning while the workers start."""
+        import copy
+
+        from pipeline.selection import BackendChoice
+        from pipeline.stages import Stage1
+
+        cfgs = copy.deepcopy(self.cfgs)
+        cfgs.planner.vlm_url = env.get("SAM3DGS_VLM_URL") or cfgs.planner.vlm_url
+        cfgs.planner.vlm_api_key = env.get("SAM3DGS_VLM_API_KEY") or cfgs.planner.vlm_api_key
+        cfgs.planner.vlm_model = env.get("SAM3DGS_VLM_MODEL") or cfgs.planner.vlm_model
+        choice = BackendChoice("vlm", cfgs.segmenter.segmenter, cfgs.lifter.lifter, reasons={"planner": "planning ahead in the batch driver"})
+        return Stage1(cfgs, choice, log=lambda _msg: None, started_vllm=env.get("SAM3DGS_VLM_STARTED") == "1")
+
+    def _plan_ahead(self, todo: list[int], ahead: Any) -> Any:
+        if not todo:
+            return None
+        from pipeline.batch.ahead import PlanAhead
+
+        mark("planning ahead begins")
+        return PlanAhead(ahead, [(i, str(self.photos[i].path)) for i in todo], self.bcfg.vlm_concurrency)
+
+    def _planned(self, planning: Any) -> dict[int, dict]:
+        """The workers are ready: the plans made meanwhile (after the requests in flight)."""
+        if planning is None:
+            return {}
+        plans = planning.finish()
+        mark(f"planning ahead done ({len(plans)} planned, {planning.failed} left to the workers)")
+        return plans
 
     def _stop_vlm(self) -> None:
         if self.vlm is not None:
@@ -349,7 +386,7 @@ class _Batch:
         else:
             close()
 
-    def _run_stage(self, stage: str, todo: list[int], *, spec: WorkerSpec | None = None, n: int | None = None, prewarm: bool = False) -> None:
+    def _run_stage(self, stage: str, todo: list[int], *, spec: WorkerSpec | None = None, n: int | None = None, prewarm: bool = False, planning: Any = None) -> None:
         if spec is None:
             spec = self._spec(stage, 1, {})
         if self.progress:
@@ -359,23 +396,35 @@ class _Batch:
                 self.progress.bar.refresh()
         pool = self.pools.get(stage)
         if pool is None:
-            pool = self._open(stage, spec, self.engine.default_workers(stage) if n is None else n)
+            try:
+                pool = self._open(stage, spec, self.engine.default_workers(stage) if n is None else n)
+            except BaseException:
+                if planning is not None:
+                    planning.abandon()
+                raise
         elif hasattr(pool, "wait_started"):
             pool.wait_started()  # opened early (prewarm): its start errors surface here
             mark(f"{stage} workers ready")
         if prewarm and getattr(self.engine, "prewarm_stage2", False):
             self._open("stage2", self._spec("stage2", 1, {}), self.engine.default_workers("stage2"), wait=False)
-        futures = {self._submit(pool, stage, i): (stage, i) for i in todo}
+        plans = self._planned(planning)
+        futures = {self._submit(pool, stage, i, plans.get(i)): (stage, i) for i in todo}
         self._collect(futures)
         self._close(stage, background=stage == "stage1" and "stage2" in self.pools)
 
-    def _pipelined(self, todo: list[int], spec1: WorkerSpec, n1: int) -> None:
-        pool1 = self._open("stage1", spec1, n1)
+    def _pipelined(self, todo: list[int], spec1: WorkerSpec, n1: int, planning: Any = None) -> None:
+        try:
+            pool1 = self._open("stage1", spec1, n1)
+        except BaseException:
+            if planning is not None:
+                planning.abandon()
+            raise
         # Not waited for: on a small cluster stage 2's actors may only fit once stage 1's are gone.
         pool2 = self._open("stage2", self._spec("stage2", 1, {}), self.engine.default_workers("stage2"), wait=False)
         if self.progress and self.progress.bar is not None:
             self.progress.bar.total = (self.progress.bar.total or 0) + len(todo)
-        futures = {self._submit(pool1, "stage1", i): ("stage1", i) for i in todo}
+        plans = self._planned(planning)
+        futures = {self._submit(pool1, "stage1", i, plans.get(i)): ("stage1", i) for i in todo}
         planning = set(todo)
         for i in range(len(self.photos)):
             if i not in planning and self._needs_stage2(i):
@@ -394,9 +443,9 @@ class _Batch:
         self._stop_vlm()
         self._close("stage1")
 
-    def _submit(self, pool: Any, stage: str, i: int) -> Future:
+    def _submit(self, pool: Any, stage: str, i: int, plan: dict | None = None) -> Future:
         self.manifest.rows[i].stage = stage
-        return pool.submit(str(self.photos[i].path), str(self.run_dir(i)), self.keys[stage])
+        return pool.submit(str(self.photos[i].path), str(self.run_dir(i)), self.keys[stage], plan)
 
     def _collect(self, futures: dict[Future, tuple[str, int]], *, then=None, until_stage1_done=None) -> None:
         pending = dict(futures)

@@ -38,7 +38,7 @@ class LocalPool:
         for i in range(max(1, n_workers)):
             env = {"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} if gpus else {}
             self.workers.append(spec.make(f"{spec.stage}-worker-{i}", env))
-        self.queue: queue.Queue[tuple[str, str, str | None, Future] | None] = queue.Queue()
+        self.queue: queue.Queue[tuple[str, str, str | None, dict | None, Future] | None] = queue.Queue()
         self.threads: list[threading.Thread] = []
         self._alive = 0
         self._dead: set[str] = set()
@@ -73,11 +73,11 @@ class LocalPool:
             item = self.queue.get()
             if item is None:
                 return
-            image, run_dir, key, future = item
+            image, run_dir, key, plan, future = item
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                future.set_result(worker.process(image, run_dir, key=key))
+                future.set_result(worker.process(image, run_dir, key=key, plan=plan))
             except WorkerStartError as exc:
                 with self._lock:
                     if worker.name not in self._dead:
@@ -87,15 +87,15 @@ class LocalPool:
                 if others:  # this worker cannot come back: its photos go to the others
                     fresh: Future = Future()
                     fresh.add_done_callback(lambda f, fut=future: _copy(f, fut))
-                    self.queue.put((image, run_dir, key, fresh))
+                    self.queue.put((image, run_dir, key, plan, fresh))
                     return
                 future.set_exception(exc)
             except Exception as exc:  # noqa: BLE001 - the driver records it as the photo's failure
                 future.set_exception(exc)
 
-    def submit(self, image: str, run_dir: str, key: str | None = None) -> Future:
+    def submit(self, image: str, run_dir: str, key: str | None = None, plan: dict | None = None) -> Future:
         future: Future = Future()
-        self.queue.put((image, run_dir, key, future))
+        self.queue.put((image, run_dir, key, plan, future))
         return future
 
     def close(self) -> None:
@@ -151,6 +151,7 @@ class LocalVLM:
 
 class LocalEngine:
     name = "local"
+    plans_ahead = True  # the driver reaches the server its workers use (pipeline/batch/ahead.py)
 
     def __init__(self, bcfg: Any):
         self.bcfg = bcfg

@@ -354,9 +354,9 @@ class WorkerProcess:
             pass  # the child is gone: its reader thread fails the slot
         return slot
 
-    def process(self, image: str, run_dir: str, *, key: str | None = None) -> dict[str, Any]:
+    def process(self, image: str, run_dir: str, *, key: str | None = None, plan: dict[str, Any] | None = None) -> dict[str, Any]:
         """Send one photo and wait for its answer (retrying after crashes). Raises WorkerStartError
-        when the child cannot be (re)started."""
+        when the child cannot be (re)started. `plan`: stage 1's plan made ahead (Stage1.plan_ahead)."""
         if self._closed:
             raise BackendError(
                 f"the {self.stage} worker {self.name} was stopped before it got {image}.", "run the same batch command again: it finishes the rest."
@@ -368,6 +368,8 @@ class WorkerProcess:
                 message = {"id": str(next(self._ids)), "image": str(image), "run_dir": str(run_dir)}
                 if key is not None:
                     message["key"] = key
+                if plan is not None:
+                    message["plan"] = plan
                 try:
                     slot = self._send(message)
                 except WorkerStartError as exc:

@@ -58,8 +58,8 @@ class StageActor:
         ready["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
         return ready
 
-    def process(self, image: str, run_dir: str, key: str | None) -> dict[str, Any]:
-        return self.worker.process(image, run_dir, key=key)  # (re)starts the child when needed
+    def process(self, image: str, run_dir: str, key: str | None, plan: dict | None = None) -> dict[str, Any]:
+        return self.worker.process(image, run_dir, key=key, plan=plan)  # (re)starts the child when needed
 
     def close(self) -> None:
         self.worker.close()
@@ -89,10 +89,10 @@ class VLMServerActor:
 
 
 class _Job:
-    __slots__ = ("image", "run_dir", "key", "future", "tries")
+    __slots__ = ("image", "run_dir", "key", "plan", "future", "tries")
 
-    def __init__(self, image: str, run_dir: str, key: str | None, future: Future):
-        self.image, self.run_dir, self.key, self.future, self.tries = image, run_dir, key, future, 0
+    def __init__(self, image: str, run_dir: str, key: str | None, plan: dict | None, future: Future):
+        self.image, self.run_dir, self.key, self.plan, self.future, self.tries = image, run_dir, key, plan, future, 0
 
 
 class RayPool:
@@ -164,10 +164,10 @@ class RayPool:
                     )
                 self.cond.wait(0.2)
 
-    def submit(self, image: str, run_dir: str, key: str | None = None) -> Future:
+    def submit(self, image: str, run_dir: str, key: str | None = None, plan: dict | None = None) -> Future:
         future: Future = Future()
         with self.cond:
-            self.jobs.append(_Job(image, run_dir, key, future))
+            self.jobs.append(_Job(image, run_dir, key, plan, future))
             self.cond.notify_all()
         return future
 
@@ -186,7 +186,7 @@ class RayPool:
                     while a["state"] == "ready" and a["busy"] < self.spec.concurrency and self.jobs:
                         job = self.jobs.popleft()
                         job.tries += 1
-                        ref = a["handle"].process.remote(job.image, job.run_dir, job.key)
+                        ref = a["handle"].process.remote(job.image, job.run_dir, job.key, job.plan)
                         a["busy"] += 1
                         self.running[ref] = (job, a)
                 now = time.monotonic()
@@ -398,6 +398,13 @@ class RayEngine:
             mark("ray.init done")
             self._init_done.set()
         self._release.wait()  # see __init__: ending this thread would stop a local Ray
+
+    @property
+    def plans_ahead(self) -> bool:
+        """Our own local Ray is this machine: the driver reaches the server the actors use, so it
+        plans while Ray and the actors start (pipeline/batch/ahead.py). A cluster's nodes each use
+        their own vLLM on their loopback."""
+        return self.local
 
     def ready(self) -> None:
         """Wait for ray.init; raise its error in the caller's thread."""

@@ -93,7 +93,8 @@ class StageWorker:
             if self.stage == "stage1":
                 if not image:
                     raise InputError("the request names no image.", "send {'id', 'image', 'run_dir'}.")
-                result = self.runner.process(Path(image), run_dir)
+                ahead = request.get("plan")  # planned by the driver while this worker started
+                result = self.runner.process(Path(image), run_dir, ahead=ahead if isinstance(ahead, dict) else None)
                 status, objects = "done", int(result.get("objects", 0))
             else:
                 masks_stamp = M.file_stamp(RunPaths(run_dir).masks_json)

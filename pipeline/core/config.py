@@ -156,6 +156,7 @@ class BatchConfig:
     vlm_gpus: float | None = opt(None, "Ray cluster: GPUs for each node's vLLM server actor (default: 0.5 where the cluster has GPUs, else 0).")
     worker_cpus: float = opt(1.0, "Ray: CPUs reserved per stage worker.")
     pipelined: bool = opt(False, "Run stage 2 on a photo as soon as its stage 1 is done (default: all of stage 1, then stage 2 on every GPU).")
+    plan_ahead: bool = opt(True, "Ask the VLM for the first photos' plans in the driver while the stage 1 workers start (local engine, or Ray's own local Ray; docs/BATCH.md).")
     max_attempts: int = opt(3, "Tries per photo when its worker process dies (a crash, out of memory); then the photo is marked failed.")
     retry_failed: bool = opt(False, "Also redo photos that failed or were partial in an earlier batch for the same inputs (crashed ones are always retried).")
     stage1_python: str | None = opt(None, "Interpreter for stage 1 workers (the sam3 env's python; default: this one).", env="SAM3DGS_STAGE1_PYTHON")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import warnings
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.sam3_upstream
@@ -84,3 +85,29 @@ def test_strict_checkpoint_loading_with_the_real_key_set(seg, tmp_path, caplog):
     stats = C.check_strict_loading(seg.model, tmp_path, caplog)
     print("load stats:", json.dumps(stats["official"]))
     assert stats["official"]["loaded"] == len(seg.model.state_dict()) > 1000
+
+
+def test_a_build_for_a_checkpoint_skips_the_random_fills_and_ends_the_same(seg, photo, tmp_path):
+    """With a checkpoint, SAM3 is built without its initialisers' random fills (skip_random_fills),
+    then loaded strictly: every parameter and buffer (the non-persistent causal mask too) and the
+    masks of a photo equal those of the model built the usual way with the same weights."""
+    path = tmp_path / "sam3.pt"
+    torch.save({f"detector.{k}": v for k, v in seg.model.state_dict().items()}, path)
+    cfg = SegmenterConfig(confidence=0.5, dedup_iou=0.8, dtype="float32", sam3_checkpoint=str(path))
+    other = S.Sam3Segmenter(cfg, device="cpu", load_from_hf=False)
+    other.load()
+    path.unlink()
+    assert other.skipped_fills > 300, other.skipped_fills  # the fills were left out (384 in sam3 0.1.4) ...
+    assert seg.skipped_fills == 0  # (random weights: built as upstream builds them)
+    ours = dict(seg.model.named_buffers()) | dict(seg.model.named_parameters())
+    theirs = dict(other.model.named_buffers()) | dict(other.model.named_parameters())
+    assert ours.keys() == theirs.keys() and any(k.endswith("attn_mask") for k in ours)  # the non-persistent causal mask is compared too
+    different = [k for k in ours if not torch.equal(ours[k], theirs[k])]
+    assert not different, different[:5]  # ... and nothing they would have set is missing
+    # The same outputs from the photo: the backbone's features and a phrase's and a box's grounding.
+    image, state = photo
+    again = other.encode_image(image)
+    for phrase, box in (("red mug", None), ("bowl", (0.4, 0.5, 0.5, 0.4))):
+        want, got = C.processor_outputs(seg, state, phrase, box), C.processor_outputs(other, again, phrase, box)
+        assert np.array_equal(want["scores"], got["scores"]) and np.array_equal(want["boxes"], got["boxes"])
+        assert torch.equal(want["mask_logits"], got["mask_logits"])

@@ -39,6 +39,7 @@ The selection and duplicate-removal rules are pure numpy functions (`select_quer
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -439,6 +440,33 @@ def upstream_on_cpu(device: str = "cpu") -> Any:
     return _UpstreamOnCpu()
 
 
+def skip_random_fills() -> Any:
+    """A context for building SAM3 when a checkpoint will replace every weight: the initialisers'
+    in-place random fills (`Tensor.uniform_`, `normal_`, and `erfinv_` of a truncated normal) leave
+    the freshly allocated tensors as they are. They are most of the build, all of it thrown away by
+    the strict load that follows: on one CPU thread (a Ray actor's default) 15 of 25 s, uniform_
+    alone 13.6 s (cProfile of `load()` on dev-2c). Upstream's initialisers are torch.nn.init's and
+    timm's trunc_normal_, which fill through these methods (sam3/model/vitdet.py, decoder.py,
+    model_misc.py). Everything else runs: its only non-persistent buffer, the text encoder's causal
+    mask (sam3/model/text_encoder_ve.py:213-226), is built with fill_/triu_, and the position and
+    coordinate caches are arithmetic. `.skipped` counts the fills left out."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    fills = (torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.erfinv_)
+
+    class _SkipRandomFills(TorchFunctionMode):
+        skipped = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in fills:
+                type(self).skipped += 1
+                return args[0]
+            return func(*args, **(kwargs or {}))
+
+    return _SkipRandomFills()
+
+
 # --------------------------------------------------------------------------------------------
 # The segmenter.
 # --------------------------------------------------------------------------------------------
@@ -485,6 +513,7 @@ class Sam3Segmenter:
         self.device: str | None = None
         self.weights: str = ""  # 'checkpoint <path>' or 'random' once loaded
         self.load_stats: dict[str, Any] = {}  # load_checkpoint_into's stats ({} for random weights)
+        self.skipped_fills = 0  # random fills left out while building for a checkpoint (skip_random_fills)
         self.last_report: dict[str, Any] = {}
 
     # -- loading ---------------------------------------------------------------------------
@@ -492,8 +521,6 @@ class Sam3Segmenter:
     def _upstream_context(self) -> Any:
         """Where upstream code runs: the selected CUDA device (its "cuda" caches land there), or
         the CPU mapping of its hard-coded CUDA spots (`upstream_on_cpu`)."""
-        import contextlib
-
         import torch
 
         assert self.device is not None
@@ -539,7 +566,10 @@ class Sam3Segmenter:
             checkpoint = download_sam3_checkpoint()
         t0 = time.perf_counter()
         self.device = device
-        with self._upstream_context():
+        # A checkpoint is loaded strictly below (every weight replaced, or a one-line error): no
+        # random fills before it.
+        fills = skip_random_fills() if checkpoint is not None else contextlib.nullcontext()
+        with self._upstream_context(), fills:
             # device="cuda" or "cpu": upstream moves the model with .cuda() only for "cuda"
             # (model_builder.py:549-555); "cuda:N" is reached through the current-device context.
             model = build_sam3_image_model(
@@ -549,6 +579,7 @@ class Sam3Segmenter:
                 load_from_HF=False,
                 checkpoint_path=None,
             )
+        self.skipped_fills = getattr(fills, "skipped", 0)
         if checkpoint is not None:
             self.load_stats = load_checkpoint_into(model, checkpoint)
             self.weights = f"checkpoint {checkpoint}"

@@ -307,15 +307,11 @@ class _Batch:
             self.manifest.vlm = self.vlm.info()
         # The server is up: plan the first photos in the driver while Ray and the workers start.
         planning = self._plan_ahead(todo, self._ahead_stage(env)) if planner == "vlm" and self.bcfg.plan_ahead and self.engine.plans_ahead else None
-        try:
+        with self._abandoned_on_error(planning):
             if "stage2" in self.stages and hasattr(self.engine, "colocate"):
                 # Ray: one stage 1 and one stage 2 actor per GPU where both fit, so stage 2 starts meanwhile.
                 self.engine.colocate(self.cfgs, vlm_started=self.vlm is not None)
             n = self.engine.default_workers("stage1")
-        except BaseException:
-            if planning is not None:
-                planning.abandon()
-            raise
         concurrency = max(1, math.ceil(self.bcfg.vlm_concurrency / n)) if planner == "vlm" else 1
         if self.progress:
             self.progress.stage("stage 1")
@@ -347,6 +343,16 @@ class _Batch:
 
         mark("planning ahead begins")
         return PlanAhead(ahead, [(i, str(self.photos[i].path)) for i in todo], self.bcfg.vlm_concurrency)
+
+    @contextlib.contextmanager
+    def _abandoned_on_error(self, planning: Any):
+        """The workers will not start: planning ahead takes no more photos (its threads are daemons)."""
+        try:
+            yield
+        except BaseException:
+            if planning is not None:
+                planning.abandon()
+            raise
 
     def _planned(self, planning: Any) -> dict[int, dict]:
         """The workers are ready: the plans made meanwhile (after the requests in flight)."""
@@ -396,12 +402,8 @@ class _Batch:
                 self.progress.bar.refresh()
         pool = self.pools.get(stage)
         if pool is None:
-            try:
+            with self._abandoned_on_error(planning):
                 pool = self._open(stage, spec, self.engine.default_workers(stage) if n is None else n)
-            except BaseException:
-                if planning is not None:
-                    planning.abandon()
-                raise
         elif hasattr(pool, "wait_started"):
             pool.wait_started()  # opened early (prewarm): its start errors surface here
             mark(f"{stage} workers ready")
@@ -413,21 +415,17 @@ class _Batch:
         self._close(stage, background=stage == "stage1" and "stage2" in self.pools)
 
     def _pipelined(self, todo: list[int], spec1: WorkerSpec, n1: int, planning: Any = None) -> None:
-        try:
+        with self._abandoned_on_error(planning):
             pool1 = self._open("stage1", spec1, n1)
-        except BaseException:
-            if planning is not None:
-                planning.abandon()
-            raise
         # Not waited for: on a small cluster stage 2's actors may only fit once stage 1's are gone.
         pool2 = self._open("stage2", self._spec("stage2", 1, {}), self.engine.default_workers("stage2"), wait=False)
         if self.progress and self.progress.bar is not None:
             self.progress.bar.total = (self.progress.bar.total or 0) + len(todo)
         plans = self._planned(planning)
         futures = {self._submit(pool1, "stage1", i, plans.get(i)): ("stage1", i) for i in todo}
-        planning = set(todo)
+        in_stage1 = set(todo)
         for i in range(len(self.photos)):
-            if i not in planning and self._needs_stage2(i):
+            if i not in in_stage1 and self._needs_stage2(i):
                 futures[self._submit(pool2, "stage2", i)] = ("stage2", i)
 
         def then(stage: str, i: int) -> dict[Future, tuple[str, int]]:

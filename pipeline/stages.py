@@ -362,6 +362,35 @@ class Stage2:
                 self._lifter = InflateLifter(n_gaussians=self.cfg.lifter.inflate_gaussians)
         return self._lifter
 
+    def warm_up(self) -> dict[str, Any]:
+        """What every photo's export uses, once before the first photo: torch (gaussians.pt), the
+        export modules, and one small render with the turntable renderer (on a GPU: CUDA's start and
+        gsplat's kernels). A batch worker calls it before saying ready, so its first photo costs what
+        the others cost: stage 2's first photo took 7 s against 2.5 s a photo after it on an H200
+        (docs/PERFORMANCE.md), and 1.8 s against 0.1 s on 2 cores, 2.7 s of that importing torch."""
+        t = time.perf_counter()
+        from pipeline.core.types import Gaussians
+        from pipeline.objects.gaussians_pt import _torch
+        from pipeline.scene import export  # noqa: F401 - its imports (PIL's GIF writer, PLY, splat)
+        from pipeline.scene.camera import Camera, default_intrinsics
+        from pipeline.scene.render_gsplat import pick_renderer
+
+        _torch()
+        renderer = "none"
+        if self.cfg.export.turntable:
+            render, renderer, _ = pick_renderer(self.cfg.export.renderer)
+            n = 64
+            rng = np.random.default_rng(0)
+            tiny = Gaussians(
+                xyz=(rng.normal(0, 0.2, (n, 3)) + [0, 0, 3]).astype(np.float32),
+                features_dc=np.zeros((n, 3), np.float32),
+                opacity=np.full((n, 1), 0.8, np.float32),
+                scale=np.full((n, 3), 0.05, np.float32),
+                rotation=np.tile(np.array([1, 0, 0, 0], np.float32), (n, 1)),
+            )
+            render(tiny, Camera(viewmat=np.eye(4, dtype=np.float32), K=default_intrinsics(32, 32), width=32, height=32))
+        return {"renderer": renderer, "seconds": round(time.perf_counter() - t, 3)}
+
     def load_masks(
         self, paths: RunPaths, manifest: Manifest, image: np.ndarray, image_sha: str, image_path: Path, masks_path: Path | None, mask_set=None
     ) -> list[ObjectMask]:

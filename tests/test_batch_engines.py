@@ -134,6 +134,8 @@ def test_local_engine_one_server_and_requests_in_flight(local_batch, photos: Pat
     assert max_in_flight(stats) >= min(8, N_PHOTOS), f"at most {max_in_flight(stats)} VLM requests were in flight"
     # Planned while the worker started (all eight in flight then), each photo asked once all the same.
     assert planned_ahead(local_batch["out"]) == (N_PHOTOS, N_PHOTOS)
+    # The stage 2 worker loaded its export path before its first photo (Stage2.warm_up; FAST: no turntables).
+    assert "warmed up for the first photo: {'renderer': 'none'" in (local_batch["out"] / "logs" / "stage2-worker-0.log").read_text()
     assert (local_batch["out"] / "index.html").is_file()
     assert not temp_files(local_batch["out"])
 

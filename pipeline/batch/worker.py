@@ -72,6 +72,10 @@ class StageWorker:
         else:
             self.runner = Stage2(cfgs, self.choice, log=log)
             self.runner.lifter()
+            try:
+                log(f"warmed up for the first photo: {self.runner.warm_up()}")
+            except Exception as exc:  # noqa: BLE001 - the photo itself then fails with the reason, in its own record
+                log(f"warm-up skipped: {describe(exc, with_type=True)}")
         self.key = M.stage_key(stage, cfgs)
 
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:

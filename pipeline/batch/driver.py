@@ -312,14 +312,14 @@ class _Batch:
                 # Ray: one stage 1 and one stage 2 actor per GPU where both fit, so stage 2 starts meanwhile.
                 self.engine.colocate(self.cfgs, vlm_started=self.vlm is not None)
             n = self.engine.default_workers("stage1")
-        concurrency = max(1, math.ceil(self.bcfg.vlm_concurrency / n)) if planner == "vlm" else 1
-        if self.progress:
-            self.progress.stage("stage 1")
-        spec = self._spec("stage1", concurrency, env)
-        if self.bcfg.pipelined and "stage2" in self.stages:
-            self._pipelined(todo, spec, n, planning)
-            return
-        self._run_stage("stage1", todo, spec=spec, n=n, prewarm="stage2" in self.stages, planning=planning)
+            concurrency = max(1, math.ceil(self.bcfg.vlm_concurrency / n)) if planner == "vlm" else 1
+            if self.progress:
+                self.progress.stage("stage 1")
+            spec = self._spec("stage1", concurrency, env)
+            if self.bcfg.pipelined and "stage2" in self.stages:
+                self._pipelined(todo, spec, n, planning)
+                return
+            self._run_stage("stage1", todo, spec=spec, n=n, prewarm="stage2" in self.stages, planning=planning)
         self._stop_vlm()
 
     def _ahead_stage(self, env: dict[str, str]) -> Any:
@@ -346,7 +346,8 @@ class _Batch:
 
     @contextlib.contextmanager
     def _abandoned_on_error(self, planning: Any):
-        """The workers will not start: planning ahead takes no more photos (its threads are daemons)."""
+        """Stage 1 fails (its workers do not start, or later): planning ahead takes no more photos (its
+        threads are daemons). Harmless once `_planned` has finished it."""
         try:
             yield
         except BaseException:
@@ -402,8 +403,7 @@ class _Batch:
                 self.progress.bar.refresh()
         pool = self.pools.get(stage)
         if pool is None:
-            with self._abandoned_on_error(planning):
-                pool = self._open(stage, spec, self.engine.default_workers(stage) if n is None else n)
+            pool = self._open(stage, spec, self.engine.default_workers(stage) if n is None else n)
         elif hasattr(pool, "wait_started"):
             pool.wait_started()  # opened early (prewarm): its start errors surface here
             mark(f"{stage} workers ready")
@@ -415,8 +415,7 @@ class _Batch:
         self._close(stage, background=stage == "stage1" and "stage2" in self.pools)
 
     def _pipelined(self, todo: list[int], spec1: WorkerSpec, n1: int, planning: Any = None) -> None:
-        with self._abandoned_on_error(planning):
-            pool1 = self._open("stage1", spec1, n1)
+        pool1 = self._open("stage1", spec1, n1)
         # Not waited for: on a small cluster stage 2's actors may only fit once stage 1's are gone.
         pool2 = self._open("stage2", self._spec("stage2", 1, {}), self.engine.default_workers("stage2"), wait=False)
         if self.progress and self.progress.bar is not None:

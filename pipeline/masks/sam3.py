@@ -456,11 +456,13 @@ def skip_random_fills() -> Any:
     fills = (torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.erfinv_)
 
     class _SkipRandomFills(TorchFunctionMode):
-        skipped = 0
+        def __init__(self) -> None:
+            super().__init__()
+            self.skipped = 0
 
         def __torch_function__(self, func, types, args=(), kwargs=None):
             if func in fills:
-                type(self).skipped += 1
+                self.skipped += 1
                 return args[0]
             return func(*args, **(kwargs or {}))
 

@@ -44,6 +44,7 @@ import importlib.util
 import logging
 import os
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -320,8 +321,14 @@ def download_sam3_checkpoint(repo_id: str = SAM3_HF_REPO, *, cache_dir: Path | N
         raise
 
 
-def load_checkpoint_into(model: Any, path: Path) -> dict[str, Any]:
+def load_checkpoint_into(model: Any, path: Path, *, assign: bool = False, mmap: bool = False) -> dict[str, Any]:
     """Load a SAM3 checkpoint (`torch.load(weights_only=True)`) into the image model, strictly.
+
+    assign: the file's tensors become the model's weights (`load_state_dict(assign=True)`) instead
+    of being copied into them, where every dtype matches (else they are copied): for a model just
+    built for this file, whose own weights were never filled (`skip_random_fills`). They are then on
+    the CPU, and the caller moves the model. mmap: map the file instead of reading it (a zip
+    checkpoint; the legacy format is read), so a model moved to the GPU next reads each byte once.
 
     Layouts: upstream's sam3.pt (image-model keys under `detector.`, tracker keys under `tracker.`,
     up: sam3/model_builder.py:523-545), the same inside `{"model": ...}` (upstream's training
@@ -336,7 +343,7 @@ def load_checkpoint_into(model: Any, path: Path) -> dict[str, Any]:
     import torch
 
     try:
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as exc:
         raise BackendError(
             f"could not read the SAM3 checkpoint {path}: {exc}".splitlines()[0], "pass a valid sam3.pt with --sam3-checkpoint."
@@ -375,8 +382,10 @@ def load_checkpoint_into(model: Any, path: Path) -> dict[str, Any]:
     unexpected = [k for k in unexpected if k not in set(sam2_convs)] + other
     if unexpected:
         log.warning("SAM3 checkpoint %s: %d keys the image model does not use (e.g. %s)", path, len(unexpected), unexpected[:3])
+    # Assigning a tensor of another dtype would change the model's dtype: copy then.
+    assign = assign and all(state[k].dtype == v.dtype for k, v in expected.items())
     try:
-        model.load_state_dict({k: state[k] for k in expected}, strict=True)
+        model.load_state_dict({k: state[k] for k in expected}, strict=True, assign=assign)
     except RuntimeError as exc:  # e.g. a dtype that cannot be copied
         raise BackendError(
             f"could not load {path} into SAM3: {exc}".splitlines()[0], "pass facebook/sam3's sam3.pt with --sam3-checkpoint."
@@ -390,6 +399,7 @@ def load_checkpoint_into(model: Any, path: Path) -> dict[str, Any]:
         "ignored_sam2_convs": len(sam2_convs),
         "unexpected": len(unexpected),
         "unexpected_examples": unexpected[:5],
+        "assigned": assign,
     }
 
 
@@ -441,19 +451,32 @@ def upstream_on_cpu(device: str = "cpu") -> Any:
 
 
 def skip_random_fills() -> Any:
-    """A context for building SAM3 when a checkpoint will replace every weight: the initialisers'
-    in-place random fills (`Tensor.uniform_`, `normal_`, and `erfinv_` of a truncated normal) leave
-    the freshly allocated tensors as they are. They are most of the build, all of it thrown away by
-    the strict load that follows: on one CPU thread (a Ray actor's default) 15 of 25 s, uniform_
-    alone 13.6 s (cProfile of `load()` on dev-2c). Upstream's initialisers are torch.nn.init's and
-    timm's trunc_normal_, which fill through these methods (sam3/model/vitdet.py, decoder.py,
+    """A context for building SAM3 when a checkpoint will replace every weight: no random draw is
+    made, the freshly allocated tensors are left as they are. The draws are most of the build, all of
+    it thrown away by the strict load that follows (cProfile of the build on one CPU thread, a Ray
+    actor's default: 5.7 s of which uniform_ 4.3 s while only the Tensor methods were caught).
+
+    Two routes lead to a draw, and both are caught:
+    - torch.nn.init's uniform_, normal_ and kaiming_uniform_ dispatch to a torch function mode
+      themselves (torch/nn/init.py: `handle_torch_function` at the top of each), and the mode then
+      runs with itself switched off, so the Tensor method they call inside is not seen: these
+      functions are left out whole (nn.Linear's weights and biases: 521 calls in sam3 0.1.4);
+    - the Tensor methods `uniform_`, `normal_` and `erfinv_`, which the other initialisers call
+      directly (timm's trunc_normal_, torch.nn.init's xavier_* and trunc_normal_: 384 calls).
+    Upstream's initialisers are torch.nn.init's and timm's (sam3/model/vitdet.py, decoder.py,
     model_misc.py). Everything else runs: its only non-persistent buffer, the text encoder's causal
     mask (sam3/model/text_encoder_ve.py:213-226), is built with fill_/triu_, and the position and
-    coordinate caches are arithmetic. `.skipped` counts the fills left out."""
+    coordinate caches are arithmetic. `.skipped` counts what was left out."""
     import torch
     from torch.overrides import TorchFunctionMode
 
-    fills = (torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.erfinv_)
+    init = torch.nn.init
+    methods = (torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.erfinv_)
+    functions = tuple(
+        getattr(init, name)
+        for name in ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_", "orthogonal_", "sparse_")
+        if hasattr(init, name)
+    )
 
     class _SkipRandomFills(TorchFunctionMode):
         def __init__(self) -> None:
@@ -461,9 +484,12 @@ def skip_random_fills() -> Any:
             self.skipped = 0
 
         def __torch_function__(self, func, types, args=(), kwargs=None):
-            if func in fills:
+            if func in methods:
                 self.skipped += 1
                 return args[0]
+            if func in functions:
+                self.skipped += 1
+                return args[0] if args else (kwargs or {})["tensor"]
             return func(*args, **(kwargs or {}))
 
     return _SkipRandomFills()
@@ -572,18 +598,17 @@ class Sam3Segmenter:
         # random fills before it.
         fills = skip_random_fills() if checkpoint is not None else contextlib.nullcontext()
         with self._upstream_context(), fills:
-            # device="cuda" or "cpu": upstream moves the model with .cuda() only for "cuda"
-            # (model_builder.py:549-555); "cuda:N" is reached through the current-device context.
-            model = build_sam3_image_model(
-                bpe_path=str(bpe),
-                device="cuda" if device.startswith("cuda") else "cpu",
-                eval_mode=True,
-                load_from_HF=False,
-                checkpoint_path=None,
-            )
+            # Built on the CPU and moved once below: upstream's device="cuda" only adds model.cuda()
+            # at the end (_setup_device_and_mode, model_builder.py:548-554, called at :635), which
+            # for a checkpoint would copy weights that are about to be replaced. Its hard-coded
+            # "cuda" caches (position encodings, decoder coordinates) are made at construction on
+            # the current device (_upstream_context).
+            model = build_sam3_image_model(bpe_path=str(bpe), device="cpu", eval_mode=True, load_from_HF=False, checkpoint_path=None)
         self.skipped_fills = getattr(fills, "skipped", 0)
         if checkpoint is not None:
-            self.load_stats = load_checkpoint_into(model, checkpoint)
+            # The file's tensors become the weights (never-filled ones are not copied into); for a
+            # GPU it is mapped, and read once by the move below.
+            self.load_stats = load_checkpoint_into(model, checkpoint, assign=True, mmap=device != "cpu")
             self.weights = f"checkpoint {checkpoint}"
         else:
             fixed = make_random_weights_finite(model)

@@ -43,6 +43,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import threading
 import time
 import zipfile
 from collections.abc import Callable, Sequence
@@ -495,6 +496,26 @@ def skip_random_fills() -> Any:
     return _SkipRandomFills()
 
 
+def _start_cuda_early(requested: str) -> threading.Thread | None:
+    """Create the CUDA context of the GPU SAM3 will use in a background thread, while sam3 is
+    imported and the model built on the CPU (seconds of a worker's start that need no GPU); the
+    move to the GPU then finds it made. Nothing is raised here: a GPU that is not there is
+    reported by `load` itself."""
+    import torch
+
+    device = pick_device(requested)
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+
+    def create() -> None:
+        with contextlib.suppress(Exception):
+            torch.empty(1, device=device)
+
+    thread = threading.Thread(target=create, name="sam3-cuda-context", daemon=True)
+    thread.start()
+    return thread
+
+
 # --------------------------------------------------------------------------------------------
 # The segmenter.
 # --------------------------------------------------------------------------------------------
@@ -564,6 +585,7 @@ class Sam3Segmenter:
             import torch
         except ImportError as exc:
             raise missing_dependency("torch", "sam3", SAM3_INSTALL) from exc
+        _start_cuda_early(self.requested_device)
         try:
             from sam3.model.sam3_image_processor import Sam3Processor
             from sam3.model_builder import build_sam3_image_model

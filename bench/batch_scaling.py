@@ -180,8 +180,8 @@ def timeline(out: Path, t0: float) -> dict[str, float]:
     return dict(sorted(marks.items(), key=lambda kv: kv[1]))
 
 
-def run_batch(args, k: int, photos: Path, checkpoint: Path, boxes: list[str]) -> dict:
-    out = args.work / f"out-{args.engine}-{k}gpu"
+def run_batch(args, k: int, photos: Path, checkpoint: Path, boxes: list[str], tag: str = "") -> dict:
+    out = args.work / f"out-{args.engine}-{k}gpu{tag}"
     if out.exists():
         import shutil
 
@@ -207,7 +207,7 @@ def run_batch(args, k: int, photos: Path, checkpoint: Path, boxes: list[str]) ->
     wall = time.time() - t0
     driver_log = out / "logs" / "pipeline.log"  # timestamped: where the fixed time goes
     driver_text = driver_log.read_text(errors="replace") if driver_log.exists() else ""
-    (args.work / f"batch-{args.engine}-{k}gpu.log").write_text(proc.stdout + proc.stderr + "\n== ROOT/logs/pipeline.log\n" + driver_text)
+    (args.work / f"batch-{args.engine}-{k}gpu{tag}.log").write_text(proc.stdout + proc.stderr + "\n== ROOT/logs/pipeline.log\n" + driver_text)
     if proc.returncode not in (0, 1):
         raise SystemExit(f"{k} GPU(s): batch failed with exit code {proc.returncode}:\n{proc.stderr[-4000:]}")
     batch = json.loads((out / "batch.json").read_text())
@@ -235,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engine", default="ray", choices=["ray", "local"])
     ap.add_argument("--work", type=Path, default=Path("/tmp/batch_scaling"))
     ap.add_argument("--sam3-checkpoint", type=Path, default=None, help="default: random weights written to WORK/sam3-random.pt")
+    ap.add_argument("--warm-up", type=int, default=2, metavar="N",
+                    help="first an untimed batch of N photos per GPU on the most GPUs asked for, so every timed run finds the machine's "
+                         "file cache warm (libraries, the checkpoint), not only the ones after the first (0: none)")
     ap.add_argument("--segmenter", default="sam3", choices=["sam3", "classical"], help="classical: a quick CPU check of the benchmark itself")
     ap.add_argument("--stage1-python", type=Path, default=None, help="interpreter with sam3 for stage 1 (default: this one)")
     ap.add_argument("--sam3-bpe", type=Path, default=None, help="SAM3's BPE vocab file, if sam3/open_clip do not carry it")
@@ -260,6 +263,12 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([py, __file__, "--write-random-sam3", str(checkpoint), *bpe], cwd=ROOT, check=True)
         print(f"random SAM3 checkpoint written in {time.time() - t:.0f} s", flush=True)
     print(f"{args.photos} photos {w}x{h} made in {photos_s:.0f} s; boxes: {boxes}", flush=True)
+    if args.warm_up > 0 and max(counts) > 0:
+        t = time.time()
+        warm = args.work / f"photos-{w}x{h}-warm-up"
+        make_photos(warm, args.warm_up * max(counts), w, h)
+        r = run_batch(args, max(counts), warm, checkpoint, boxes, tag="-warm-up")
+        print(f"warm-up batch ({r['photos']} photos, {max(counts)} GPU(s), untimed): {r['done']} done in {time.time() - t:.0f} s", flush=True)
     results = []
     for k in counts:
         r = run_batch(args, k, photos, checkpoint, boxes)
@@ -277,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     head = (
         f"Machine: {platform.node() or '?'}, {os.cpu_count()} CPUs, {gpu_name} x {torch.cuda.device_count()}, torch {torch.__version__}, "
         f"Python {platform.python_version()}; {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC. "
-        f"Command: python bench/batch_scaling.py --photos {args.photos} --gpus {args.gpus} --size {args.size} --engine {args.engine}"
+        f"Command: python bench/batch_scaling.py --photos {args.photos} --gpus {args.gpus} --size {args.size} --engine {args.engine} --warm-up {args.warm_up}"
         + (f" --segmenter {args.segmenter}. " if args.segmenter != "sam3" else ". ")
         + ("Stage 1: SAM3 random weights, 5 box prompts, masks forced; " if args.segmenter == "sam3" else "Stage 1: the classical segmenter, 5 box prompts; ")
         + "stage 2: inflate lifter, exports with gsplat turntables."

@@ -6,7 +6,8 @@
 #            .whl-ray/  ray312-core.tar.xz (ray 2.60.0 cp312 unpacked without its Java jars, RLlib,
 #                       Tune, Train, Serve, Data, LLM and dashboard UI, none of which the batch uses),
 #                       jsonschema, jsonschema-specifications, referencing, rpds-py, gsplat wheels
-#   env:     GPUS (default 1,2), PHOTOS (default 32), SIZE (default 1024x768), ENGINE (default ray)
+#   env:     GPUS (default 1,2), PHOTOS (default 32), SIZE (default 1024x768), ENGINE (default ray),
+#            WARMUP (photos per GPU of the untimed first batch, default 2)
 set -o pipefail
 out="${OUT:-/tmp/bs_out}"
 mkdir -p "$out"
@@ -20,6 +21,15 @@ if [ ! -f "$site/.batch-scaling-ready" ]; then
   echo "installed in $(( $(date +%s) - t0 )) s"
 fi
 export PYTHONPATH="$site"
+# The machine's torch env comes without .pyc files: each new process compiled about 1,760 modules
+# (8.6 s of a SAM3 worker's 13 s start, docs/PERFORMANCE.md). `pip install` writes them, so a user's
+# env has them; write them once here too.
+if [ ! -f "$site/.pyc-ready" ]; then
+  t0=$(date +%s)
+  python3 -m compileall -q -j 0 "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" "$site" >/dev/null 2>&1
+  touch "$site/.pyc-ready"
+  echo "bytecode compiled in $(( $(date +%s) - t0 )) s"
+fi
 python3 -c 'import ray, sam3, gsplat, torch; print("ray", ray.__version__, "| sam3 ok | gsplat", gsplat.__version__, "| torch", torch.__version__, "| GPUs", torch.cuda.device_count())' || exit 3
 nvidia-smi -L
 # gsplat compiles its CUDA extension on first use (cached in ~/.cache/torch_extensions): once, here,
@@ -44,7 +54,7 @@ torch.cuda.synchronize()
 print(f"gsplat ready in {time.time() - t:.0f} s, image {tuple(img.shape)}")
 PY
 timeout "${BENCH_TIMEOUT:-480}" python3 bench/batch_scaling.py --photos "${PHOTOS:-32}" --gpus "${GPUS:-1,2}" --size "${SIZE:-1024x768}" \
-  --engine "${ENGINE:-ray}" --work /tmp/bs 2>&1 | tee "$out/batch_scaling.log"
+  --engine "${ENGINE:-ray}" --warm-up "${WARMUP:-2}" --work /tmp/bs 2>&1 | tee "$out/batch_scaling.log"
 rc=$?
 cp /tmp/bs/batch_scaling.md /tmp/bs/batch_scaling.json "$out/" 2>/dev/null
 for f in /tmp/bs/batch-*.log; do [ -f "$f" ] && tail -c 200000 "$f" > "$out/$(basename "$f")"; done

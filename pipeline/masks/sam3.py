@@ -464,6 +464,10 @@ def skip_random_fills() -> Any:
       functions are left out whole (nn.Linear's weights and biases: 521 calls in sam3 0.1.4);
     - the Tensor methods `uniform_`, `normal_` and `erfinv_`, which the other initialisers call
       directly (timm's trunc_normal_, torch.nn.init's xavier_* and trunc_normal_: 384 calls).
+    The in-place arithmetic that follows on a tensor left unfilled (timm's trunc_normal_ scales,
+    shifts and clamps what it drew: timm/layers/weight_init.py, _trunc_normal_) is left out too; on
+    the GPU machine it was 5.7 s of a worker's start under cProfile: the first touch of fresh pages.
+    Any other in-place write to such a tensor (fill_, zero_, copy_) runs, and from then on it counts.
     Upstream's initialisers are torch.nn.init's and timm's (sam3/model/vitdet.py, decoder.py,
     model_misc.py). Everything else runs: its only non-persistent buffer, the text encoder's causal
     mask (sam3/model/text_encoder_ve.py:213-226), is built with fill_/triu_, and the position and
@@ -479,19 +483,33 @@ def skip_random_fills() -> Any:
         if hasattr(init, name)
     )
 
+    arithmetic = (torch.Tensor.mul_, torch.Tensor.add_, torch.Tensor.sub_, torch.Tensor.div_, torch.Tensor.clamp_)
+
     class _SkipRandomFills(TorchFunctionMode):
         def __init__(self) -> None:
             super().__init__()
             self.skipped = 0
+            self.unfilled: dict[int, Any] = {}  # id -> tensor whose fill was left out (held until exit)
 
         def __torch_function__(self, func, types, args=(), kwargs=None):
-            if func in methods:
+            kwargs = kwargs or {}
+            if func in methods or func in functions:
                 self.skipped += 1
-                return args[0]
-            if func in functions:
-                self.skipped += 1
-                return args[0] if args else (kwargs or {})["tensor"]
-            return func(*args, **(kwargs or {}))
+                tensor = args[0] if args else kwargs["tensor"]
+                self.unfilled[id(tensor)] = tensor
+                return tensor
+            target = args[0] if args else None
+            if target is not None and self.unfilled.get(id(target)) is target:
+                if func in arithmetic:  # timm's trunc_normal_ scales, shifts and clamps what it drew
+                    self.skipped += 1
+                    return target
+                if getattr(func, "__name__", "").endswith("_"):  # another in-place write (fill_, zero_, copy_): it counts
+                    del self.unfilled[id(target)]
+            return func(*args, **kwargs)
+
+        def __exit__(self, *exc: Any) -> Any:
+            self.unfilled.clear()
+            return super().__exit__(*exc)
 
     return _SkipRandomFills()
 
@@ -628,9 +646,10 @@ class Sam3Segmenter:
             model = build_sam3_image_model(bpe_path=str(bpe), device="cpu", eval_mode=True, load_from_HF=False, checkpoint_path=None)
         self.skipped_fills = getattr(fills, "skipped", 0)
         if checkpoint is not None:
-            # The file's tensors become the weights (never-filled ones are not copied into); for a
-            # GPU it is mapped, and read once by the move below.
-            self.load_stats = load_checkpoint_into(model, checkpoint, assign=True, mmap=device != "cpu")
+            # The file's tensors become the weights (never-filled ones are not copied into), mapped
+            # from the file: a GPU's move below reads each byte once; on the CPU the weights are the
+            # page cache's, one copy for every worker of the machine.
+            self.load_stats = load_checkpoint_into(model, checkpoint, assign=True, mmap=True)
             self.weights = f"checkpoint {checkpoint}"
         else:
             fixed = make_random_weights_finite(model)

@@ -26,7 +26,7 @@ from pipeline.core import config as C
 from pipeline.core.atomic import clean_stale_temporaries, write_json_atomic
 from pipeline.core.errors import BackendError, InputError, describe
 from pipeline.core.progress import progress
-from pipeline.core.runfolder import Manifest, RunPaths, sha256_file
+from pipeline.core.runfolder import Manifest, RunPaths, file_stamp, sha256_file
 from pipeline.core.types import ObjectMask, Plan, PlanItem
 from pipeline.selection import BackendChoice, choose_backends
 
@@ -132,6 +132,25 @@ def prepare_input(paths: RunPaths, manifest: Manifest, image_path: Path) -> tupl
     return rgb, pixels, record
 
 
+def kept_plan_settings(cfg: Configs, *, own_server: bool) -> str:
+    """What a plan kept in stage1/plan.json depends on besides the photo: every planner setting but
+    the server's address and key, the seed, and the model that answers: the model id of a vLLM the
+    pipeline starts (a batch's own too: its port changes from run to run), else the --vlm-url server."""
+    settings = {k: v for k, v in C.to_record(cfg.planner).items() if k not in ("vlm_url", "vlm_api_key")}
+    server = {"vlm_model_id": cfg.server.vlm_model_id} if own_server else {"vlm_url": cfg.planner.vlm_url}
+    return _key("kept plan", settings, cfg.run.seed, server)
+
+
+def kept_plan_fits(plan_json: Path, settings: str, image: Path) -> bool:
+    """Whether stage1/plan.json keeps a plan for these settings and this photo file (unchanged size
+    and mtime): the batch driver's check, which reads no photo. The stage checks the pixels too."""
+    try:
+        reuse = json.loads(Path(plan_json).read_text(encoding="utf-8")).get("reuse")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(reuse, dict) and reuse.get("settings") == settings and reuse.get("image_stamp") == file_stamp(image)
+
+
 def vllm_server_args(cfg: Configs, *, mode: str | None = None) -> dict[str, Any]:
     """How the pipeline starts vLLM for stage 1 (one photo here, a whole batch in pipeline.batch).
     Scene mode stops vLLM before SAM3 starts, query mode runs both at once: the GPU share follows."""
@@ -150,11 +169,14 @@ class Stage1:
     `started_vllm`: --vlm-url is a vLLM the pipeline started with these settings (a batch's server),
     so the planner talks to it exactly as to one started here."""
 
-    def __init__(self, cfg: Configs, choice: BackendChoice | None = None, log=print, *, started_vllm: bool = False):
+    def __init__(self, cfg: Configs, choice: BackendChoice | None = None, log=print, *, started_vllm: bool = False, kept_plans_only: bool = False):
         self.cfg = cfg
         self.choice = choice or choose_backends(cfg.run, cfg.planner, cfg.server, cfg.segmenter, cfg.lifter)
         self.log = log
         self.started_vllm = started_vllm
+        # A batch that started no server because every photo keeps its plan: a photo whose plan no
+        # longer fits fails (the next run starts a server for it) instead of starting vLLM here.
+        self.kept_plans_only = kept_plans_only
         self._segmenter = None
         # A batch worker plans several photos at once in threads (VLM requests overlap); the one
         # segmenter (one model on one GPU) takes them one at a time.
@@ -237,6 +259,38 @@ class Stage1:
         plan = planner.plan(image, query=self.cfg.planner.prompt)
         return {"key": self.plan_key(sha), "record": plan_record(plan, {**planner.last_request, "planned_ahead": True})}
 
+    def kept_settings(self) -> str:
+        return kept_plan_settings(self.cfg, own_server=self.choice.start_vlm_server or self.started_vllm)
+
+    def _kept_plan(self, paths: RunPaths, image_sha: str) -> tuple[Plan, dict[str, Any]] | None:
+        """The plan kept in stage1/plan.json when it was made for this photo (pixels) and these
+        settings (`kept_plan_settings`): (the planner's plan, its request) or None."""
+        from pipeline.plan.vlm import plan_from_record
+
+        try:
+            record = json.loads(paths.plan.read_text(encoding="utf-8"))
+            reuse = record.get("reuse")
+        except (OSError, ValueError, AttributeError):
+            return None
+        if not isinstance(reuse, dict) or reuse.get("settings") != self.kept_settings() or reuse.get("pixels_sha256") != image_sha:
+            return None
+        try:
+            plan = plan_from_record(record)
+        except (KeyError, TypeError, ValueError):
+            return None
+        plan.items = plan.items[int(record.get("box_prompts") or 0) :]
+        if not plan.items:
+            return None
+        return plan, {**record.get("request", {}), "timing": record.get("timing", {}), "kept": True}
+
+    def _forget_kept_plan(self, paths: RunPaths) -> None:
+        """plan.json's plan fits no more (the photo changed under the same size and mtime): drop its
+        `reuse`, so the next batch run sees that this photo needs planning."""
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            record = json.loads(paths.plan.read_text(encoding="utf-8"))
+            if record.get("reuse"):
+                write_json_atomic(paths.plan, {**record, "reuse": None})
+
     def input_key(self, image_sha: str) -> str:
         c = self.cfg
         return _key(image_sha, self.choice.planner, self.choice.segmenter, C.to_record(c.segmenter), c.planner.prompt, c.planner.max_objects, c.planner.vlm_model if self.choice.planner == "vlm" else None)
@@ -266,11 +320,29 @@ class Stage1:
 
         boxes = parse_box_flags(self.cfg.segmenter.box, w, h)
         timings: dict[str, float] = {}
+        vlm = self.choice.planner == "vlm"
+        # A plan the VLM made for this photo and these settings in an earlier run (a retry after a
+        # crash, other segmenter settings) is kept: in scene mode no server starts for it.
+        kept = self._kept_plan(paths, sha) if vlm and not self.cfg.run.force else None
+        need_server = vlm and (kept is None or bool(self.cfg.planner.prompt))
+        if need_server and self.kept_plans_only:
+            self._forget_kept_plan(paths)
+            raise InputError(
+                "this batch started no VLM server (every photo to do kept its plan in stage1/plan.json), but this photo's plan does not fit it any more.",
+                "run the same command again: the batch then starts a server for this photo.",
+            )
+        made_by_vlm = False  # then plan.json says how a later run may keep it (`reuse`)
         with contextlib.ExitStack() as server_scope:
-            planner = server_scope.enter_context(self.planner(paths))
+            planner = server_scope.enter_context(self.planner(paths)) if need_server else None
             t = time.perf_counter()
             request = None
-            if planner is not None:
+            if kept is not None:
+                plan, request = kept
+                made_by_vlm = True
+                self.log(f"stage 1: kept the plan in {paths.plan} ({len(plan.items)} objects; made for this photo and these settings; --force asks the VLM again)")
+                plan.items = boxes + plan.items
+            elif planner is not None:
+                made_by_vlm = True
                 if ahead and ahead.get("key") == self.plan_key(sha) and isinstance(ahead.get("record"), dict):
                     from pipeline.plan.vlm import plan_from_record
 
@@ -283,8 +355,11 @@ class Stage1:
             else:
                 plan = Plan(items=boxes, mode="none", query=self.cfg.planner.prompt)
             timings["plan"] = time.perf_counter() - t
+            reuse = None
+            if made_by_vlm and len(plan.items) > len(boxes):
+                reuse = {"settings": self.kept_settings(), "pixels_sha256": sha, "image_stamp": file_stamp(image_path)}
             # Kept now: a segmenter failure below must not lose minutes of VLM thinking.
-            self._write_plan(paths, plan, planner, request)
+            self._write_plan(paths, plan, planner, request, reuse=reuse, box_prompts=len(boxes))
             if not self.cfg.planner.prompt:
                 # Scene mode needs the VLM no more: stop vLLM now so SAM3 gets its GPU memory.
                 server_scope.close()
@@ -299,7 +374,7 @@ class Stage1:
                 keep = set(planner.verify(image, candidates, self.cfg.planner.prompt))
                 masks = own + [m for i, m in enumerate(candidates) if i in keep]
                 timings["verify"] = time.perf_counter() - t
-                self._write_plan(paths, plan, planner, request)  # now with the verification
+                self._write_plan(paths, plan, planner, request, reuse=reuse, box_prompts=len(boxes))  # now with the verification
         if not masks:
             raise InputError(
                 "stage 1 found no objects in the photo; nothing was written to masks/.",
@@ -329,15 +404,19 @@ class Stage1:
                 self._write_plan(paths, exc.plan, planner)
             raise
 
-    def _write_plan(self, paths: RunPaths, plan: Plan, planner, request: dict[str, Any] | None = None) -> None:
-        """`request`: what was asked for a plan made ahead (else the planner's last request)."""
-        if planner is None:
+    def _write_plan(self, paths: RunPaths, plan: Plan, planner, request: dict[str, Any] | None = None, *,
+                    reuse: dict[str, Any] | None = None, box_prompts: int = 0) -> None:
+        """`request`: what was asked for a plan made ahead or kept (else the planner's last request).
+        `reuse`: what a later run checks before it keeps this plan (None: it asks again)."""
+        if self.choice.planner != "vlm":
             record = {"format_version": 1, "planner": "none", "mode": plan.mode, "query": plan.query,
                       "items": [{"phrase": i.phrase, "box_xyxy": list(i.box_xyxy) if i.box_xyxy else None} for i in plan.items]}
         else:
             from pipeline.plan.vlm import plan_record
 
             record = plan_record(plan, request or planner.last_request, verification=getattr(planner, "last_verification", None))
+            record["box_prompts"] = box_prompts
+            record["reuse"] = reuse
         write_json_atomic(paths.plan, record)
 
 

@@ -299,14 +299,23 @@ class _Batch:
         # Workers get the decision as a flag, so none of them decides otherwise in its own env.
         self.cfgs.planner.planner = planner  # type: ignore[assignment]
         env: dict[str, str] = {}
+        kept = self._kept_plans(todo) if planner == "vlm" else set()
+        if kept:
+            self.log(f"batch: {len(kept)} of {len(todo)} photos to do keep the plan in their stage1/plan.json (--force asks the VLM again)")
         if planner == "vlm" and not self.cfgs.planner.vlm_url:
-            self.vlm = self.engine.vlm(self.cfgs, self.root / "logs")
-            self.log("batch: starting one vLLM server for stage 1")
-            env = self.vlm.start()
-            mark("vLLM ready")
-            self.manifest.vlm = self.vlm.info()
+            if len(kept) == len(todo) and not self.cfgs.planner.prompt:
+                # Scene mode needs the VLM for planning only: no photo needs it.
+                self.log("batch: no vLLM server needed")
+                env = {"SAM3DGS_PLANS_KEPT": "1"}
+            else:
+                self.vlm = self.engine.vlm(self.cfgs, self.root / "logs")
+                self.log("batch: starting one vLLM server for stage 1")
+                env = self.vlm.start()
+                mark("vLLM ready")
+                self.manifest.vlm = self.vlm.info()
         # The server is up: plan the first photos in the driver while Ray and the workers start.
-        planning = self._plan_ahead(todo, self._ahead_stage(env)) if planner == "vlm" and self.bcfg.plan_ahead and self.engine.plans_ahead else None
+        ahead = planner == "vlm" and "SAM3DGS_PLANS_KEPT" not in env and self.bcfg.plan_ahead and self.engine.plans_ahead
+        planning = self._plan_ahead([i for i in todo if i not in kept], self._ahead_stage(env)) if ahead else None
         with self._abandoned_on_error(planning):
             if "stage2" in self.stages and hasattr(self.engine, "colocate"):
                 # Ray: one stage 1 and one stage 2 actor per GPU where both fit, so stage 2 starts meanwhile.
@@ -321,6 +330,16 @@ class _Batch:
                 return
             self._run_stage("stage1", todo, spec=spec, n=n, prewarm="stage2" in self.stages, planning=planning)
         self._stop_vlm()
+
+    def _kept_plans(self, todo: list[int]) -> set[int]:
+        """The photos whose stage1/plan.json keeps a plan for these settings and this photo file
+        (pipeline/stages.py, kept_plan_fits): their workers plan nothing. No photo is read here."""
+        if self.cfgs.run.force:
+            return set()
+        from pipeline.stages import kept_plan_fits, kept_plan_settings
+
+        settings = kept_plan_settings(self.cfgs, own_server=not self.cfgs.planner.vlm_url)
+        return {i for i in todo if kept_plan_fits(RunPaths(self.run_dir(i)).plan, settings, self.photos[i].path)}
 
     def _ahead_stage(self, env: dict[str, str]) -> Any:
         """A Stage1 in the driver that reaches the running server, for planning while the workers start."""

@@ -19,7 +19,7 @@ from typing import Any
 
 from pipeline.core import config as C
 from pipeline.core.atomic import write_json_atomic
-from pipeline.core.runfolder import Manifest, RunPaths
+from pipeline.core.runfolder import Manifest, RunPaths, file_stamp
 
 BATCH_FORMAT_VERSION = 1
 PHOTO_STATUSES = ("done", "failed", "partial", "pending")
@@ -51,15 +51,6 @@ def stage_key(stage: str, cfgs: Any) -> str:
         record = C.to_record(getattr(cfgs, section))
         parts[section] = {k: v for k, v in record.items() if (names is None or k in names) and k not in _NOT_IN_KEY}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def file_stamp(path: Path) -> dict[str, int] | None:
-    """Size and mtime of a file: how a rerun recognises an unchanged photo without reading it."""
-    try:
-        st = Path(path).stat()
-    except OSError:
-        return None
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def record_stage(run_dir: Path, stage: str, *, image: str, image_stamp: dict | None, key: str, status: str, error: str | None,

@@ -59,13 +59,14 @@ class StageWorker:
         self.log = log
         self.choice = choose_backends(cfgs.run, cfgs.planner, cfgs.server, cfgs.segmenter, cfgs.lifter)
         if stage == "stage1":
-            if self.choice.planner == "vlm" and self.choice.start_vlm_server:
+            kept_only = os.environ.get("SAM3DGS_PLANS_KEPT") == "1"  # the driver started no server: every plan is kept
+            if self.choice.planner == "vlm" and self.choice.start_vlm_server and not kept_only:
                 raise InputError(
                     "a stage 1 batch worker needs a running VLM server (SAM3DGS_VLM_URL); it does not start vLLM itself.",
                     "run it through `python -m pipeline batch` (which starts one server), or set SAM3DGS_VLM_URL.",
                 )
             # SAM3DGS_VLM_STARTED: the driver started this vLLM with our flags (protocol environment).
-            self.runner = Stage1(cfgs, self.choice, log=log, started_vllm=os.environ.get("SAM3DGS_VLM_STARTED") == "1")
+            self.runner = Stage1(cfgs, self.choice, log=log, started_vllm=os.environ.get("SAM3DGS_VLM_STARTED") == "1", kept_plans_only=kept_only)
             segmenter = self.runner.segmenter()
             if hasattr(segmenter, "load"):
                 segmenter.load()  # SAM3 now: a missing package or checkpoint fails the start, not every photo

@@ -33,7 +33,7 @@ class RunConfig:
     profile: Literal["auto", "full", "lite"] = opt(
         "auto", "full: vLLM Qwen3-VL + SAM3 + SAM 3D Objects; lite: built-in CPU backends; auto: per stage, what is available."
     )
-    force: bool = opt(False, "Redo objects and masks that are already done for the same inputs.")
+    force: bool = opt(False, "Redo objects and masks that are already done for the same inputs, and ask the VLM again where stage1/plan.json keeps a plan.")
     seed: int = opt(0, "Random seed for reproducible output.")
     device: str = opt("auto", "Torch device: auto, cuda, cuda:N, mps or cpu (auto: env SAM3DGS_DEVICE if set, else detected).")
     progress: bool = opt(True, "Show progress bars on long steps.")

@@ -40,6 +40,15 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def file_stamp(path: str | Path) -> dict[str, int] | None:
+    """Size and mtime of a file: how a rerun recognises an unchanged photo without reading it."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
 def default_outputs_root() -> Path:
     """SAM3DGS_OUTPUTS, else the checkout's outputs/ (beside pipeline/), else ./outputs."""
     import os

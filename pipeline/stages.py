@@ -331,6 +331,8 @@ class Stage1:
                 "this batch started no VLM server (every photo to do kept its plan in stage1/plan.json), but this photo's plan does not fit it any more.",
                 "run the same command again: the batch then starts a server for this photo.",
             )
+        if vlm and not need_server and self.choice.start_vlm_server:
+            manifest.update(backends={**self.choice.record(), "vlm_server_started": False})  # the plan is kept: no server
         made_by_vlm = False  # then plan.json says how a later run may keep it (`reuse`)
         with contextlib.ExitStack() as server_scope:
             planner = server_scope.enter_context(self.planner(paths)) if need_server else None

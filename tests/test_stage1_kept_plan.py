@@ -104,10 +104,15 @@ def test_a_kept_plan_starts_no_server(photo: Path, tmp_path: Path, monkeypatch):
         return Stage1(_cfgs(**settings), log=lambda _m: None)
 
     run = tmp_path / "run"
+
+    def started() -> bool:
+        return json.loads((run / "run.json").read_text())["backends"]["vlm_server_started"]
+
     stage1().process(photo, run)
-    assert server_starts(read_stats(tmp_path / "stats.jsonl")) == 1
+    assert server_starts(read_stats(tmp_path / "stats.jsonl")) == 1 and started()
     stage1(segmenter__dedup_iou=0.5).process(photo, run)
     assert server_starts(read_stats(tmp_path / "stats.jsonl")) == 1 and _plan(run)["request"]["kept"] is True
+    assert not started()  # run.json says so
     # Another served model under the same name: not the same planner, asked again.
     other = tmp_path / "other-model"
     other.mkdir()
@@ -145,3 +150,20 @@ def test_a_batch_whose_plans_are_all_kept_starts_no_server(tmp_path: Path):
     assert sum(e["event"] == "chat" for e in read_stats(stats)) == chats + 1
     plans = {p.name: json.loads((tmp_path / "out" / run_rel_for(p.name) / "stage1" / "plan.json").read_text()) for p in images.iterdir()}
     assert [name for name, p in sorted(plans.items()) if not p["request"].get("kept")] == [changed.name]
+
+
+def test_query_mode_keeps_the_plan_and_verifies_the_new_masks(photo: Path, tmp_path: Path):
+    """Query mode: the kept plan is used, but the new masks are verified by the VLM (one ask each run)."""
+    run = tmp_path / "run"
+    replies = [Reply.fixture("query_two_mugs"), Reply.fixture("verify_json")]
+    with FakeOpenAIServer(replies) as server:
+        def stage1(**settings: object) -> Stage1:
+            return Stage1(_cfgs(planner__vlm_url=server.url, planner__prompt="the two mugs", **settings), log=lambda _m: None)
+
+        stage1().process(photo, run)
+        assert len(server.chat_requests) == 2 and _plan(run)["verification"] is not None  # the plan, then the check
+        first = _plan(run)
+        stage1(segmenter__dedup_iou=0.5).process(photo, run)
+        again = _plan(run)
+        assert len(server.chat_requests) == 3  # the check only
+        assert again["request"]["kept"] is True and again["items"] == first["items"] and again["verification"] is not None

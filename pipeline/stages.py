@@ -132,13 +132,17 @@ def prepare_input(paths: RunPaths, manifest: Manifest, image_path: Path) -> tupl
     return rgb, pixels, record
 
 
+def _planner_settings(cfg: Configs) -> dict[str, Any]:
+    """Every planner setting a plan depends on: all but where the server is and its key."""
+    return {k: v for k, v in C.to_record(cfg.planner).items() if k not in ("vlm_url", "vlm_api_key")}
+
+
 def kept_plan_settings(cfg: Configs, *, own_server: bool) -> str:
-    """What a plan kept in stage1/plan.json depends on besides the photo: every planner setting but
-    the server's address and key, the seed, and the model that answers: the model id of a vLLM the
-    pipeline starts (a batch's own too: its port changes from run to run), else the --vlm-url server."""
-    settings = {k: v for k, v in C.to_record(cfg.planner).items() if k not in ("vlm_url", "vlm_api_key")}
+    """What a plan kept in stage1/plan.json depends on besides the photo: the planner settings, the
+    seed, and the model that answers: the model id of a vLLM the pipeline starts (a batch's own too:
+    its port changes from run to run), else the --vlm-url server."""
     server = {"vlm_model_id": cfg.server.vlm_model_id} if own_server else {"vlm_url": cfg.planner.vlm_url}
-    return _key("kept plan", settings, cfg.run.seed, server)
+    return _key("kept plan", _planner_settings(cfg), cfg.run.seed, server)
 
 
 def kept_plan_fits(plan_json: Path, settings: str, image: Path) -> bool:
@@ -243,8 +247,7 @@ class Stage1:
     def plan_key(self, image_sha: str) -> str:
         """What a plan depends on: the photo's pixels, every planner setting but where the server is
         and its key, and the seed. A plan made ahead is used only where this key matches."""
-        settings = {k: v for k, v in C.to_record(self.cfg.planner).items() if k not in ("vlm_url", "vlm_api_key")}
-        return _key("plan", image_sha, settings, self.cfg.run.seed)
+        return _key("plan", image_sha, _planner_settings(self.cfg), self.cfg.run.seed)
 
     def plan_ahead(self, image_path: Path) -> dict[str, Any]:
         """Plan a photo without a run folder and without the segmenter: {"key", "record"} (the record

@@ -303,6 +303,10 @@ def test_ray_engine_on_a_two_node_cluster(photos: Path, tmp_path: Path, monkeypa
                 "8",
                 env=env,
             )
+            chats = sum(1 for e in read_stats(tmp_path / "vllm" / "stats.jsonl") if e["event"] == "chat")
+            # Stage 1 again with other segmenter settings: every plan is kept, so no node starts a vLLM.
+            again = run_batch(photos, tmp_path / "out", *VLM_LITE, *FAST, *flags, "--engine", "ray", "--ray-address", cluster.address,
+                              "--stage", "1", "--dedup-iou", "0.5", env=env)
         finally:
             stop.set()
             watcher.join()
@@ -319,6 +323,11 @@ def test_ray_engine_on_a_two_node_cluster(photos: Path, tmp_path: Path, monkeypa
     assert sum(1 for e in stats if e["event"] == "chat") == N_PHOTOS
     # Each node's vLLM listens on its own loopback: the driver does not plan ahead on a cluster.
     assert planned_ahead(tmp_path / "out") == (0, None)
+    assert again.returncode == 0, again.stderr[-3000:]
+    after = read_stats(tmp_path / "vllm" / "stats.jsonl")
+    assert server_starts(after) == server_starts(stats) and sum(1 for e in after if e["event"] == "chat") == chats == N_PHOTOS
+    plans = [json.loads(p.read_text()) for p in (tmp_path / "out").rglob("stage1/plan.json")]
+    assert len(plans) == N_PHOTOS and all(p["request"].get("kept") for p in plans)
 
 
 def test_ray_engine_without_ray_is_one_line_naming_the_install(photos: Path, tmp_path: Path):

@@ -264,6 +264,14 @@ def wait_for(predicate, timeout: float, interval: float = 0.1):
         time.sleep(interval)
 
 
+def left_after(find, timeout: float, interval: float = 0.1):
+    """Wait until find() is empty (at most `timeout` s); what it still finds then: processes that
+    outlive something must be given the time to go (a watchdog polls every 0.5 s; a process killed
+    inside an fsync leaves only when the disk has answered)."""
+    wait_for(lambda: not find(), timeout, interval)
+    return find()
+
+
 def temp_files(root: Path) -> list[Path]:
     """Temporary files the atomic writers leave if interrupted (pipeline/core/atomic.py names them TMP_PREFIX*)."""
     from pipeline.core.atomic import TMP_PREFIX

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+# A suite started in the background (`./run_tests.sh &` from a script) inherits SIGINT ignored, and so
+# would every process the tests start: an ignored signal stays ignored across exec, and Python then
+# installs no KeyboardInterrupt handler, so the Ctrl-C tests would see SIGINT do nothing. A caught
+# signal is reset to its default on exec: catch it here, and the children get Python's usual handler.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:

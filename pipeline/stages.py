@@ -145,6 +145,14 @@ def kept_plan_settings(cfg: Configs, *, own_server: bool) -> str:
     return _key("kept plan", _planner_settings(cfg), cfg.run.seed, server)
 
 
+def _recorded_plan(record: dict[str, Any]) -> tuple[Plan, dict[str, Any]]:
+    """A plan.json record read back: the plan, and its request with its timing (what `_write_plan`
+    writes again for a plan made ahead or kept)."""
+    from pipeline.plan.vlm import plan_from_record
+
+    return plan_from_record(record), {**record.get("request", {}), "timing": record.get("timing", {})}
+
+
 def kept_plan_fits(plan_json: Path, settings: str, image: Path) -> bool:
     """Whether stage1/plan.json keeps a plan for these settings and this photo file (unchanged size
     and mtime): the batch driver's check, which reads no photo. The stage checks the pixels too."""
@@ -268,8 +276,6 @@ class Stage1:
     def _kept_plan(self, paths: RunPaths, image_sha: str) -> tuple[Plan, dict[str, Any]] | None:
         """The plan kept in stage1/plan.json when it was made for this photo (pixels) and these
         settings (`kept_plan_settings`): (the planner's plan, its request) or None."""
-        from pipeline.plan.vlm import plan_from_record
-
         try:
             record = json.loads(paths.plan.read_text(encoding="utf-8"))
             reuse = record.get("reuse")
@@ -278,13 +284,13 @@ class Stage1:
         if not isinstance(reuse, dict) or reuse.get("settings") != self.kept_settings() or reuse.get("pixels_sha256") != image_sha:
             return None
         try:
-            plan = plan_from_record(record)
+            plan, request = _recorded_plan(record)
         except (KeyError, TypeError, ValueError):
             return None
         plan.items = plan.items[int(record.get("box_prompts") or 0) :]
         if not plan.items:
             return None
-        return plan, {**record.get("request", {}), "timing": record.get("timing", {}), "kept": True}
+        return plan, {**request, "kept": True}
 
     def _forget_kept_plan(self, paths: RunPaths) -> None:
         """plan.json's plan fits no more (the photo changed under the same size and mtime): drop its
@@ -349,10 +355,7 @@ class Stage1:
             elif planner is not None:
                 made_by_vlm = True
                 if ahead and ahead.get("key") == self.plan_key(sha) and isinstance(ahead.get("record"), dict):
-                    from pipeline.plan.vlm import plan_from_record
-
-                    plan = plan_from_record(ahead["record"])
-                    request = {**ahead["record"].get("request", {}), "timing": ahead["record"].get("timing", {})}
+                    plan, request = _recorded_plan(ahead["record"])
                     self.log(f"stage 1: planned ahead while the workers started ({len(plan.items)} objects)")
                 else:
                     plan = self._plan_or_record(paths, planner, image)

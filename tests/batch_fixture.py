@@ -7,6 +7,7 @@ batch of many photos stays fast on 2 cores.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -264,12 +265,20 @@ def wait_for(predicate, timeout: float, interval: float = 0.1):
         time.sleep(interval)
 
 
-def left_after(find, timeout: float, interval: float = 0.1):
-    """Wait until find() is empty (at most `timeout` s); what it still finds then: processes that
-    outlive something must be given the time to go (a watchdog polls every 0.5 s; a process killed
-    inside an fsync leaves only when the disk has answered)."""
+def survivors(find, timeout: float, interval: float = 0.1) -> str:
+    """Wait until find() (pids) is empty, at most `timeout` s: processes that outlive something must
+    be given the time to go (a watchdog polls every 0.5 s; a process killed inside an fsync leaves
+    only when the disk has answered). Those still there are described (describe_processes), then
+    killed so they do not reach later tests; the description is returned ('' when none is left)."""
+    import signal
+
     wait_for(lambda: not find(), timeout, interval)
-    return find()
+    left = set(find())
+    seen = describe_processes(left)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return seen if left else ""
 
 
 def temp_files(root: Path) -> list[Path]:

@@ -23,8 +23,6 @@ from batch_fixture import (
     batch_argv,
     by_rel,
     children,
-    describe_processes,
-    left_after,
     make_photos,
     make_user_folder,
     planned_ahead,
@@ -35,6 +33,7 @@ from batch_fixture import (
     server_starts,
     stand_in_vllm,
     start_batch,
+    survivors,
     temp_files,
     wait_for,
 )
@@ -231,12 +230,8 @@ def test_driver_killed_mid_batch_resumes_without_losing_anything(tmp_path: Path)
     _kill_batch_when(driver, lambda: len(list(out.glob("**/masks/masks.json"))) >= 2, 180, "stage 1 made no progress")
     # Whatever the driver had started goes away with it (workers see their stdin close and their
     # starter gone; the vLLM server dies with its launcher).
-    left = left_after(lambda: {**_stage_workers("stage1", tmp_path), **processes("fake_vllm.py", str(tmp_path))}, 60)
-    seen = describe_processes(set(left))
-    for pid in left:  # not left running into later tests
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    assert not left, f"processes outlived the killed batch: {seen}"
+    seen = survivors(lambda: {**_stage_workers("stage1", tmp_path), **processes("fake_vllm.py", str(tmp_path))}, 60)
+    assert not seen, f"processes outlived the killed batch: {seen}"
     finished = {p: p.stat().st_mtime_ns for p in out.glob("**/masks/masks.json")}
     chats_before = sum(1 for e in read_stats(stats_path) if e["event"] == "chat")
     assert 2 <= len(finished) < n
@@ -272,12 +267,8 @@ def test_driver_killed_during_stage_2_keeps_finished_photos(tmp_path: Path):
     spawned: set[int] = set()  # the driver's children, gathered at every poll up to the kill
     _kill_batch_when(driver, lambda: spawned.update(children(driver.pid)) or len(done_photos()) >= 1, 300, "no photo finished")
     # Generous: a worker killed inside an fsync leaves only when the disk has answered.
-    left = left_after(lambda: alive(spawned), 60)
-    seen = describe_processes(left)
-    for pid in left:  # not left running into later tests
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    assert not left, f"stage workers outlived the killed batch: {seen}"
+    seen = survivors(lambda: alive(spawned), 60)
+    assert not seen, f"stage workers outlived the killed batch: {seen}"
     done_before = done_photos()
     if len(done_before) == n:
         pytest.skip("the batch finished before it could be killed (machine too fast for this timing)")

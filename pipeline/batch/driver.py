@@ -299,11 +299,13 @@ class _Batch:
         # Workers get the decision as a flag, so none of them decides otherwise in its own env.
         self.cfgs.planner.planner = planner  # type: ignore[assignment]
         env: dict[str, str] = {}
+        no_server = False  # every photo to do keeps its plan, in scene mode
         kept = self._kept_plans(todo) if planner == "vlm" else set()
         if kept:
             self.log(f"batch: {len(kept)} of {len(todo)} photos to do keep the plan in their stage1/plan.json (--force asks the VLM again)")
         if planner == "vlm" and not self.cfgs.planner.vlm_url:
-            if len(kept) == len(todo) and not self.cfgs.planner.prompt:
+            no_server = len(kept) == len(todo) and not self.cfgs.planner.prompt
+            if no_server:
                 # Scene mode needs the VLM for planning only: no photo needs it.
                 self.log("batch: no vLLM server needed")
                 env = {"SAM3DGS_PLANS_KEPT": "1"}
@@ -314,7 +316,7 @@ class _Batch:
                 mark("vLLM ready")
                 self.manifest.vlm = self.vlm.info()
         # The server is up: plan the first photos in the driver while Ray and the workers start.
-        ahead = planner == "vlm" and "SAM3DGS_PLANS_KEPT" not in env and self.bcfg.plan_ahead and self.engine.plans_ahead
+        ahead = planner == "vlm" and not no_server and self.bcfg.plan_ahead and self.engine.plans_ahead
         planning = self._plan_ahead([i for i in todo if i not in kept], self._ahead_stage(env)) if ahead else None
         with self._abandoned_on_error(planning):
             if "stage2" in self.stages and hasattr(self.engine, "colocate"):

@@ -180,6 +180,28 @@ def timeline(out: Path, t0: float) -> dict[str, float]:
     return dict(sorted(marks.items(), key=lambda kv: kv[1]))
 
 
+def photo_breakdown(out: Path, rows: list[dict]) -> dict[str, float]:
+    """Median seconds per photo of each step the stages time (run.json "timings" and export's own
+    split), over the photos done: where a photo's time goes, and which step slows down when more
+    workers run at once."""
+    steps: dict[str, list[float]] = {}
+    for r in rows:
+        if r["status"] != "done":
+            continue
+        try:
+            run = json.loads(RunPaths(out / r["run_dir"]).manifest.read_text())
+        except (OSError, ValueError):
+            continue
+        items = dict(run.get("timings") or {})
+        export = (run.get("export") or {}).get("seconds") or {}
+        items.update({f"export.{k}": v for k, v in export.items() if k in ("objects", "scene")})
+        items["batch row"] = r.get("seconds")
+        for name, v in items.items():
+            if isinstance(v, (int, float)):
+                steps.setdefault(name, []).append(float(v))
+    return {name: round(statistics.median(vs), 3) for name, vs in sorted(steps.items())}
+
+
 def run_batch(args, k: int, photos: Path, checkpoint: Path, boxes: list[str], tag: str = "") -> dict:
     out = args.work / f"out-{args.engine}-{k}gpu{tag}"
     if out.exists():
@@ -224,6 +246,7 @@ def run_batch(args, k: int, photos: Path, checkpoint: Path, boxes: list[str], ta
         "gpus": k, "photos": len(rows), "done": len(done), "objects": objects, "wall_s": wall, "photos_per_s": len(done) / wall,
         "stage1_photos_per_s": r1, "stage2_photos_per_s": r2, "steady_photos_per_s": steady, "fixed_s": fixed, "gpu_busy": sampler.busy(),
         "exit_code": proc.returncode, "errors": sorted({r["error"] for r in rows if r["error"]})[:3], "timeline": marks,
+        "per_photo_median_s": photo_breakdown(out, rows),
     }  # fmt: skip
 
 
@@ -315,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", "Where the time goes (seconds from the batch command's start; ROOT/logs/):", ""]
     for r in results:
         lines.append(f"- {r['gpus']} GPU(s): " + "; ".join(f"{name} {t:.1f}" for name, t in r.get("timeline", {}).items()))
+    lines += ["", "Median seconds per photo, by step (run.json timings; each worker's own clock):", ""]
+    for r in results:
+        lines.append(f"- {r['gpus']} GPU(s): " + "; ".join(f"{name} {t:.3f}" for name, t in r.get("per_photo_median_s", {}).items()))
     table = "\n".join(lines)
     print(table)
     (args.work / "batch_scaling.md").write_text(table + "\n")

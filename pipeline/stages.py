@@ -463,6 +463,9 @@ class Stage2:
         from pipeline.scene.render_gsplat import pick_renderer
 
         _torch()
+        lifter_warm_up = getattr(self.lifter(), "warm_up", None)
+        if callable(lifter_warm_up):
+            lifter_warm_up()
         renderer = "none"
         if self.cfg.export.turntable:
             render, renderer, _ = pick_renderer(self.cfg.export.renderer)

@@ -33,5 +33,8 @@ def test_batch_scaling_runs_and_reports_its_timeline(tmp_path: Path):
     times = list(marks.values())
     assert times == sorted(times) and 0 <= times[0] and times[-1] <= result["wall_s"], marks
     assert marks["ray.init done"] <= marks["stage1 workers ready"] <= marks["stage1 last photo answered (2)"] <= marks["shutdown done"]
+    steps = result["per_photo_median_s"]
+    assert {"stage1.segment", "stage2.lift", "export", "export.objects", "batch row"} <= set(steps), steps
+    assert 0 < steps["export.objects"] <= steps["export"] <= steps["batch row"], steps
     table = (work / "batch_scaling.md").read_text()
     assert "Where the time goes" in table and "| 0 | 2/2 |" in table, table

@@ -1,5 +1,5 @@
 """Stage2.warm_up: before a batch worker's first photo, what every photo's export needs is loaded
-(torch for gaussians.pt, the export modules) and the turntable renderer has drawn once, in a fresh
+(torch for gaussians.pt, the export modules, the built-in lifter's scipy.ndimage and OpenCV) and the turntable renderer has drawn once, in a fresh
 interpreter where none of it was loaded before."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import json, sys
 from pipeline.stages import Configs, Stage2
 c = Configs(); c.lifter.lifter = "inflate"; c.export.renderer = "cpu"; c.run.progress = False
 s = Stage2(c, log=lambda m: None); s.lifter()
-before = {m: m in sys.modules for m in ("torch", "pipeline.scene.export", "pipeline.scene.render_cpu")}
+before = {m: m in sys.modules for m in ("torch", "pipeline.scene.export", "pipeline.scene.render_cpu", "scipy.ndimage", "cv2")}
 import pipeline.scene.render_cpu as R
 drawn = []
 real = R.render

@@ -34,6 +34,7 @@ from pipeline.scene.turntable import (
     scene_orbit_cameras,
     turntable_cameras,
     write_gif,
+    write_gif_indexed,
 )
 
 
@@ -162,7 +163,7 @@ def export_run(
             if render_fn is not None and len(g):
                 up, toward = photo_view_axes(obj.pose)
                 cams = turntable_cameras(g, cfg.gif_frames, cfg.gif_size, up=up, start_dir=toward)
-                write_gif(obj_dir / "turntable.gif", [render_fn(g, cam) for cam in cams], fps)
+                _write_frames(obj_dir / "turntable.gif", g, cams, fps, render_fn, renderer)
                 record["files"].append(_rel(obj_dir / "turntable.gif", run_dir))
         except Exception as exc:  # one object's failure never stops the others or the scene
             record["error"] = describe(exc, with_type=True)
@@ -194,7 +195,7 @@ def export_run(
                 K[:2] *= width / photo[0]
             centre = gaussian_bounds(scene_g).mean(axis=0)
             cams = scene_orbit_cameras(centre, cfg.gif_frames, width, height, K=K)
-            write_gif(paths.scene_dir / "scene.gif", [render_fn(scene_g, cam) for cam in cams], fps)
+            _write_frames(paths.scene_dir / "scene.gif", scene_g, cams, fps, render_fn, renderer)
             scene["files"].append(_rel(paths.scene_dir / "scene.gif", run_dir))
         glb = _compose_meshes(paths, loaded, scene["notes"])
         if glb is not None:
@@ -203,6 +204,19 @@ def export_run(
     summary["seconds"]["scene"] = round(time.perf_counter() - t_scene, 3)
     summary["seconds"]["total"] = round(time.perf_counter() - t_start, 3)
     return summary
+
+
+def _write_frames(path: Path, g: Any, cams: list, fps: float, render_fn: Any, renderer: str) -> None:
+    """A turntable or scene GIF. With gsplat the frames stay on the GPU, which also picks their one
+    palette (pipeline/scene/gif_palette.py): Pillow then only encodes. Otherwise Pillow quantizes
+    each frame on the CPU."""
+    if renderer == "gsplat":
+        from pipeline.scene.gif_palette import palette_indices
+        from pipeline.scene.render_gsplat import render_frames
+
+        write_gif_indexed(path, *palette_indices(render_frames(g, cams)), fps)
+    else:
+        write_gif(path, [render_fn(g, cam) for cam in cams], fps)
 
 
 def _compose_meshes(paths: RunPaths, loaded: list[tuple[str, ObjectGaussians]], notes: list[str]) -> Path | None:

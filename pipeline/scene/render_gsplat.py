@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from pipeline.core.errors import MissingDependencyError, missing_dependency
 from pipeline.core.types import SH_C0, Gaussians
 from pipeline.scene.camera import Camera
+
+if TYPE_CHECKING:
+    import torch
 
 RenderFn = Callable[..., np.ndarray]
 
@@ -38,37 +41,51 @@ def render(
     device: str = "cuda",
 ) -> np.ndarray:
     """Render with gsplat.rasterization (classic 3DGS, eps2d 0.3). Returns (H, W, 3) uint8."""
+    return render_frames(g, [camera], background, device=device)[0].cpu().numpy()
+
+
+def render_frames(
+    g: Gaussians,
+    cameras: Sequence[Camera],
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    *,
+    device: str = "cuda",
+    batch: int = 32,
+) -> torch.Tensor:
+    """Every camera's frame (all of one size) as an (F, H, W, 3) uint8 tensor left on the GPU: the
+    Gaussians are uploaded once and gsplat rasterizes up to `batch` cameras per call (its
+    viewmats/Ks take a camera axis, gsplat/rendering.py:39-40), instead of once per frame."""
     gsplat, torch = _gsplat_and_torch()
-    W, H = int(camera.width), int(camera.height)
+    if not cameras:
+        raise ValueError("render_frames needs at least one camera")
+    W, H = int(cameras[0].width), int(cameras[0].height)
+    if any((int(c.width), int(c.height)) != (W, H) for c in cameras):
+        raise ValueError("render_frames renders cameras of one size only")
     if len(g) == 0:
-        return np.broadcast_to(np.rint(np.clip(background, 0, 1) * 255).astype(np.uint8), (H, W, 3)).copy()
+        bg = torch.tensor(np.rint(np.clip(background, 0, 1) * 255), dtype=torch.uint8, device=device)
+        return bg.expand(len(cameras), H, W, 3).clone()
 
     def t(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)
 
     # Colours as gsplat computes them for SH degree 0: 0.5 + C0 * f_dc, clamped at 0.
     colors = np.maximum(0.5 + SH_C0 * g.features_dc, 0.0)
+    means, quats, scales, opacities, cols = t(g.xyz), t(g.rotation), t(g.scale), t(g.opacity[:, 0]), t(colors)  # quats: w first, as gsplat expects
+    bg = t(np.asarray(background, np.float32))
+    out = []
     with torch.no_grad():
-        image, alpha, _meta = gsplat.rasterization(
-            means=t(g.xyz),
-            quats=t(g.rotation),  # w first, as gsplat expects
-            scales=t(g.scale),
-            opacities=t(g.opacity[:, 0]),
-            colors=t(colors),
-            viewmats=t(camera.viewmat)[None],
-            Ks=t(camera.K)[None],
-            width=W,
-            height=H,
-            near_plane=0.01,
-            eps2d=0.3,
-            rasterize_mode="classic",
-        )
-        # Background composited here: gsplat's `backgrounds` shape rules differ between its packed
-        # and unpacked paths and across versions; (1 - alpha) * background is the same everywhere.
-        bg = t(np.asarray(background, np.float32))
-        image = image[0] + (1.0 - alpha[0]) * bg
-    out = image.clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8).cpu().numpy()
-    return out
+        for i in range(0, len(cameras), batch):
+            part = cameras[i : i + batch]
+            image, alpha, _meta = gsplat.rasterization(
+                means=means, quats=quats, scales=scales, opacities=opacities, colors=cols,
+                viewmats=t(np.stack([c.viewmat for c in part])), Ks=t(np.stack([c.K for c in part])),
+                width=W, height=H, near_plane=0.01, eps2d=0.3, rasterize_mode="classic",
+            )  # fmt: skip
+            # Background composited here: gsplat's `backgrounds` shape rules differ between its packed
+            # and unpacked paths and across versions; (1 - alpha) * background is the same everywhere.
+            image = image + (1.0 - alpha) * bg
+            out.append(image.clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8))
+    return torch.cat(out)
 
 
 def gsplat_available() -> tuple[bool, str]:

@@ -137,10 +137,31 @@ def scene_orbit_cameras(
 
 
 def write_gif(path: str | os.PathLike[str], frames: Sequence[np.ndarray], fps: float = 12.0) -> Path:
-    """Write (H, W, 3) uint8 frames as a looping GIF, atomically."""
+    """Write (H, W, 3) uint8 frames as a looping GIF, atomically (Pillow quantizes each frame)."""
     if not frames:
         raise ValueError("write_gif needs at least one frame")
-    images = [Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in frames]
+    return _save_gif(path, [Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in frames], fps)
+
+
+def write_gif_indexed(path: str | os.PathLike[str], indices: np.ndarray, palette: np.ndarray, fps: float = 12.0) -> Path:
+    """Write (F, H, W) uint8 palette indices with one (K, 3) uint8 palette (pipeline.scene.gif_palette)
+    as a looping GIF, atomically: the frames are already quantized, Pillow only encodes them."""
+    indices = np.asarray(indices, dtype=np.uint8)
+    palette = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+    if indices.ndim != 3 or not len(indices):
+        raise ValueError(f"write_gif_indexed needs (F, H, W) indices, got shape {indices.shape}")
+    if not 1 <= len(palette) <= 256 or int(indices.max()) >= len(palette):
+        raise ValueError(f"indices reach {int(indices.max())} but the palette has {len(palette)} colours")
+    flat = palette.tobytes()
+    images = []
+    for frame in indices:
+        im = Image.frombytes("P", (frame.shape[1], frame.shape[0]), np.ascontiguousarray(frame).tobytes())
+        im.putpalette(flat, "RGB")
+        images.append(im)
+    return _save_gif(path, images, fps)
+
+
+def _save_gif(path: str | os.PathLike[str], images: list[Image.Image], fps: float) -> Path:
     with atomic_path(path) as tmp:
         images[0].save(
             tmp,

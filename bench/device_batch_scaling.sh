@@ -7,7 +7,8 @@
 #                       Tune, Train, Serve, Data, LLM and dashboard UI, none of which the batch uses),
 #                       jsonschema, jsonschema-specifications, referencing, rpds-py, gsplat wheels
 #   env:     GPUS (default 1,2), PHOTOS (default 32), SIZE (default 1024x768), ENGINE (default ray),
-#            WARMUP (photos per GPU of the untimed first batch, default 2)
+#            WARMUP (photos per GPU of the untimed first batch, default 2), SETUP_ONLY=1 (install and
+#            build only, no benchmark)
 set -o pipefail
 out="${OUT:-/tmp/bs_out}"
 mkdir -p "$out"
@@ -53,6 +54,7 @@ img, _, _ = rasterization(means, quats, scales, opac, cols, torch.eye(4, device=
 torch.cuda.synchronize()
 print(f"gsplat ready in {time.time() - t:.0f} s, image {tuple(img.shape)}")
 PY
+[ -n "$SETUP_ONLY" ] && exit 0  # set up only (e.g. to run the GPU tests first)
 timeout "${BENCH_TIMEOUT:-480}" python3 bench/batch_scaling.py --photos "${PHOTOS:-32}" --gpus "${GPUS:-1,2}" --size "${SIZE:-1024x768}" \
   --engine "${ENGINE:-ray}" --warm-up "${WARMUP:-2}" --work /tmp/bs 2>&1 | tee "$out/batch_scaling.log"
 rc=$?

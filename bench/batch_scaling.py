@@ -91,12 +91,17 @@ def demo_boxes(w: int, h: int) -> list[str]:
 
 def write_random_sam3(path: Path, bpe: Path | None) -> None:
     """SAM3's real architecture with random weights, saved as an image-model state dict (what
-    --sam3-checkpoint accepts), so the batch's workers load it with no download."""
+    --sam3-checkpoint accepts), so the batch's workers load it with no download.
+
+    Seeded: the forced masks of random weights are whatever those weights give, and stage 2's cost
+    follows the masks' sizes (the built-in lifter's height field and samples). Unseeded, each machine
+    drew other weights, and stage 2 took 0.9 to 2.9 s a photo from one device call to the next."""
     import torch
 
     from pipeline.core.config import SegmenterConfig
     from pipeline.masks.sam3 import Sam3Segmenter
 
+    torch.manual_seed(0)  # the model is built on the CPU (Sam3Segmenter.load): the same weights everywhere
     seg = Sam3Segmenter(SegmenterConfig(sam3_bpe=bpe), device="cuda" if torch.cuda.is_available() else "cpu", load_from_hf=False)
     model = seg.load()
     tmp = path.with_suffix(".tmp")

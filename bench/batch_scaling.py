@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="1024x768", help="photo size WxH")
     ap.add_argument("--engine", default="ray", choices=["ray", "local"])
     ap.add_argument("--work", type=Path, default=Path("/tmp/batch_scaling"))
-    ap.add_argument("--sam3-checkpoint", type=Path, default=None, help="default: random weights written to WORK/sam3-random.pt")
+    ap.add_argument("--sam3-checkpoint", type=Path, default=None, help="default: seeded random weights written to WORK/sam3-random-seed0.pt")
     ap.add_argument("--warm-up", type=int, default=2, metavar="N",
                     help="first an untimed batch of N photos per GPU on the most GPUs asked for, so every timed run finds the machine's "
                          "file cache warm (libraries, the checkpoint), not only the ones after the first (0: none)")
@@ -279,11 +279,13 @@ def main(argv: list[str] | None = None) -> int:
     w, h = (int(v) for v in args.size.split("x"))
     counts = [int(v) for v in args.gpus.split(",")]
     t = time.time()
-    photos = args.work / f"photos-{w}x{h}"
+    # One folder per count: the batch takes every photo of its folder, and a folder made for a larger
+    # count earlier in WORK would otherwise be run whole (a warm machine keeps WORK between calls).
+    photos = args.work / f"photos-{w}x{h}-{args.photos}"
     make_photos(photos, args.photos, w, h)
     photos_s = time.time() - t
     boxes = demo_boxes(w, h)
-    checkpoint = args.sam3_checkpoint or args.work / "sam3-random.pt"
+    checkpoint = args.sam3_checkpoint or args.work / "sam3-random-seed0.pt"
     if args.segmenter == "sam3" and not checkpoint.exists():
         t = time.time()
         py = str(args.stage1_python or sys.executable)
@@ -293,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.photos} photos {w}x{h} made in {photos_s:.0f} s; boxes: {boxes}", flush=True)
     if args.warm_up > 0 and max(counts) > 0:
         t = time.time()
-        warm = args.work / f"photos-{w}x{h}-warm-up"
+        warm = args.work / f"photos-{w}x{h}-warm-up-{args.warm_up * max(counts)}"
         make_photos(warm, args.warm_up * max(counts), w, h)
         r = run_batch(args, max(counts), warm, checkpoint, boxes, tag="-warm-up")
         print(f"warm-up batch ({r['photos']} photos, {max(counts)} GPU(s), untimed): {r['done']} done in {time.time() - t:.0f} s", flush=True)

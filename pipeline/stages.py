@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import platform
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -451,8 +452,8 @@ class Stage2:
 
     def warm_up(self) -> dict[str, Any]:
         """What every photo's export uses, once before the first photo: torch (gaussians.pt), the
-        export modules, and one small render with the turntable renderer (on a GPU: CUDA's start and
-        gsplat's kernels). A batch worker calls it before saying ready, so its first photo costs what
+        export modules, the lifter's own imports, and one small GIF rendered and written as export
+        writes them (on a GPU: CUDA's start, gsplat's kernels, the palette search's). A batch worker calls it before saying ready, so its first photo costs what
         the others cost: stage 2's first photo took 7 s against 2.5 s a photo after it on an H200
         (docs/PERFORMANCE.md), and 1.8 s against 0.1 s on 2 cores, 2.7 s of that importing torch."""
         t = time.perf_counter()
@@ -478,7 +479,15 @@ class Stage2:
                 scale=np.full((n, 3), 0.05, np.float32),
                 rotation=np.tile(np.array([1, 0, 0, 0], np.float32), (n, 1)),
             )
-            render(tiny, Camera(viewmat=np.eye(4, dtype=np.float32), K=default_intrinsics(32, 32), width=32, height=32))
+            cam = Camera(viewmat=np.eye(4, dtype=np.float32), K=default_intrinsics(32, 32), width=32, height=32)
+            with tempfile.TemporaryDirectory(prefix="sam3dgs-warm-up-") as tmp:
+                export.write_frames(Path(tmp) / "warm-up.gif", tiny, [cam], self.cfg.export.gif_fps, render, renderer)
+            if renderer == "gsplat":  # the palette search's GPU kernels too (those few frames need no search)
+                import torch
+
+                from pipeline.scene.gif_palette import palette_indices
+
+                palette_indices(torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8, device="cuda"))
         return {"renderer": renderer, "seconds": round(time.perf_counter() - t, 3)}
 
     def load_masks(

@@ -111,3 +111,16 @@ def test_gsplat_export_writes_gifs_quantized_on_the_gpu(tmp_path) -> None:
     print(f"turntable GIF mean abs error (0-255): GPU palette {err_ours:.3f}, Pillow per frame {err_pillow:.3f}")
     assert ours.shape == frames.shape and err_ours <= max(1.5 * err_pillow, 0.5)
     assert (run / "scene" / "scene.gif").is_file()
+
+
+def test_stage2_warm_up_takes_the_gpu_gif_path() -> None:
+    """A batch worker's warm-up writes one GIF the way a gsplat export does (render_frames, the GPU
+    palette), so none of it is paid by the first photo."""
+    from pipeline.stages import Configs, Stage2
+
+    c = Configs()
+    c.lifter.lifter = "inflate"
+    c.export.renderer = "gsplat"
+    c.run.progress = False
+    report = Stage2(c, log=lambda m: None).warm_up()
+    assert report["renderer"] == "gsplat", report

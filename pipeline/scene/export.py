@@ -163,7 +163,7 @@ def export_run(
             if render_fn is not None and len(g):
                 up, toward = photo_view_axes(obj.pose)
                 cams = turntable_cameras(g, cfg.gif_frames, cfg.gif_size, up=up, start_dir=toward)
-                _write_frames(obj_dir / "turntable.gif", g, cams, fps, render_fn, renderer)
+                write_frames(obj_dir / "turntable.gif", g, cams, fps, render_fn, renderer)
                 record["files"].append(_rel(obj_dir / "turntable.gif", run_dir))
         except Exception as exc:  # one object's failure never stops the others or the scene
             record["error"] = describe(exc, with_type=True)
@@ -195,7 +195,7 @@ def export_run(
                 K[:2] *= width / photo[0]
             centre = gaussian_bounds(scene_g).mean(axis=0)
             cams = scene_orbit_cameras(centre, cfg.gif_frames, width, height, K=K)
-            _write_frames(paths.scene_dir / "scene.gif", scene_g, cams, fps, render_fn, renderer)
+            write_frames(paths.scene_dir / "scene.gif", scene_g, cams, fps, render_fn, renderer)
             scene["files"].append(_rel(paths.scene_dir / "scene.gif", run_dir))
         glb = _compose_meshes(paths, loaded, scene["notes"])
         if glb is not None:
@@ -206,7 +206,7 @@ def export_run(
     return summary
 
 
-def _write_frames(path: Path, g: Any, cams: list, fps: float, render_fn: Any, renderer: str) -> None:
+def write_frames(path: Path, g: Any, cams: list, fps: float, render_fn: Any, renderer: str) -> None:
     """A turntable or scene GIF. With gsplat the frames stay on the GPU, which also picks their one
     palette (pipeline/scene/gif_palette.py): Pillow then only encodes. Otherwise Pillow quantizes
     each frame on the CPU."""

@@ -66,7 +66,7 @@ def test_pick_renderer_prefers_gsplat_on_cuda() -> None:
     assert name == "gsplat"
 
 
-def test_frames_rendered_together_equal_frames_rendered_one_by_one() -> None:
+def test_frames_rendered_together_equal_frames_rendered_one_by_one(monkeypatch) -> None:
     from pipeline.scene import render_gsplat
 
     g = object_gaussians()
@@ -76,6 +76,10 @@ def test_frames_rendered_together_equal_frames_rendered_one_by_one() -> None:
     one_by_one = np.stack([render_gsplat.render(g, cam) for cam in cams])
     diff = np.abs(together.cpu().numpy().astype(int) - one_by_one)
     assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
+    # A big scene: cameras per call capped by Gaussians x cameras (here 5 per call).
+    monkeypatch.setattr(render_gsplat, "GAUSSIAN_CAMERAS", 5 * len(g) + 1)
+    capped = render_gsplat.render_frames(g, cams)
+    np.testing.assert_array_equal(capped.cpu().numpy(), together.cpu().numpy())
 
 
 def test_gsplat_export_writes_gifs_quantized_on_the_gpu(tmp_path) -> None:

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     import torch
 
 RenderFn = Callable[..., np.ndarray]
+GAUSSIAN_CAMERAS = 4_000_000  # render_frames: Gaussians x cameras per gsplat call, at most
 
 
 def _gsplat_and_torch():
@@ -54,7 +55,11 @@ def render_frames(
 ) -> torch.Tensor:
     """Every camera's frame (all of one size) as an (F, H, W, 3) uint8 tensor left on the GPU: the
     Gaussians are uploaded once and gsplat rasterizes up to `batch` cameras per call (its
-    viewmats/Ks take a camera axis, gsplat/rendering.py:39-40), instead of once per frame."""
+    viewmats/Ks take a camera axis, gsplat/rendering.py:39-40), instead of once per frame.
+
+    gsplat's memory grows with Gaussians x cameras per call, and beside SAM 3D Objects the GPU has
+    little to spare: cameras per call are capped so that product stays under GAUSSIAN_CAMERAS (a
+    scene of 4 M Gaussians or more renders one camera per call, as before batching)."""
     gsplat, torch = _gsplat_and_torch()
     if not cameras:
         raise ValueError("render_frames needs at least one camera")
@@ -74,8 +79,9 @@ def render_frames(
     bg = t(np.asarray(background, np.float32))
     out = []
     with torch.no_grad():
-        for i in range(0, len(cameras), batch):
-            part = cameras[i : i + batch]
+        per_call = max(1, min(batch, GAUSSIAN_CAMERAS // len(g)))
+        for i in range(0, len(cameras), per_call):
+            part = cameras[i : i + per_call]
             image, alpha, _meta = gsplat.rasterization(
                 means=means, quats=quats, scales=scales, opacities=opacities, colors=cols,
                 viewmats=t(np.stack([c.viewmat for c in part])), Ks=t(np.stack([c.K for c in part])),

@@ -78,8 +78,8 @@ def test_frames_rendered_together_equal_frames_rendered_one_by_one(monkeypatch) 
     assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
     # A big scene: cameras per call capped by Gaussians x cameras (here 5 per call).
     monkeypatch.setattr(render_gsplat, "GAUSSIAN_CAMERAS", 5 * len(g) + 1)
-    capped = render_gsplat.render_frames(g, cams)
-    np.testing.assert_array_equal(capped.cpu().numpy(), together.cpu().numpy())
+    capped = np.abs(render_gsplat.render_frames(g, cams).cpu().numpy().astype(int) - one_by_one)
+    assert capped.max() <= 1 and capped.mean() < 0.01, (capped.max(), capped.mean())
 
 
 def test_gsplat_export_writes_gifs_quantized_on_the_gpu(tmp_path) -> None:

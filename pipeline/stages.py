@@ -154,14 +154,24 @@ def _recorded_plan(record: dict[str, Any]) -> tuple[Plan, dict[str, Any]]:
     return plan_from_record(record), {**record.get("request", {}), "timing": record.get("timing", {})}
 
 
+def _kept_record(plan_json: Path, settings: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """stage1/plan.json's record and its `reuse`, when that plan was kept for these settings
+    (`kept_plan_settings`); None otherwise (no file, unreadable, asked again)."""
+    try:
+        record = json.loads(Path(plan_json).read_text(encoding="utf-8"))
+        reuse = record.get("reuse")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(reuse, dict) or reuse.get("settings") != settings:
+        return None
+    return record, reuse
+
+
 def kept_plan_fits(plan_json: Path, settings: str, image: Path) -> bool:
     """Whether stage1/plan.json keeps a plan for these settings and this photo file (unchanged size
     and mtime): the batch driver's check, which reads no photo. The stage checks the pixels too."""
-    try:
-        reuse = json.loads(Path(plan_json).read_text(encoding="utf-8")).get("reuse")
-    except (OSError, ValueError, AttributeError):
-        return False
-    return isinstance(reuse, dict) and reuse.get("settings") == settings and reuse.get("image_stamp") == file_stamp(image)
+    kept = _kept_record(plan_json, settings)
+    return kept is not None and kept[1].get("image_stamp") == file_stamp(image)
 
 
 def vllm_server_args(cfg: Configs, *, mode: str | None = None) -> dict[str, Any]:
@@ -277,13 +287,10 @@ class Stage1:
     def _kept_plan(self, paths: RunPaths, image_sha: str) -> tuple[Plan, dict[str, Any]] | None:
         """The plan kept in stage1/plan.json when it was made for this photo (pixels) and these
         settings (`kept_plan_settings`): (the planner's plan, its request) or None."""
-        try:
-            record = json.loads(paths.plan.read_text(encoding="utf-8"))
-            reuse = record.get("reuse")
-        except (OSError, ValueError, AttributeError):
+        kept = _kept_record(paths.plan, self.kept_settings())
+        if kept is None or kept[1].get("pixels_sha256") != image_sha:
             return None
-        if not isinstance(reuse, dict) or reuse.get("settings") != self.kept_settings() or reuse.get("pixels_sha256") != image_sha:
-            return None
+        record = kept[0]
         try:
             plan, request = _recorded_plan(record)
         except (KeyError, TypeError, ValueError):
@@ -453,9 +460,10 @@ class Stage2:
     def warm_up(self) -> dict[str, Any]:
         """What every photo's export uses, once before the first photo: torch (gaussians.pt), the
         export modules, the lifter's own imports, and one small GIF rendered and written as export
-        writes them (on a GPU: CUDA's start, gsplat's kernels, the palette search's). A batch worker calls it before saying ready, so its first photo costs what
-        the others cost: stage 2's first photo took 7 s against 2.5 s a photo after it on an H200
-        (docs/PERFORMANCE.md), and 1.8 s against 0.1 s on 2 cores, 2.7 s of that importing torch."""
+        writes them (on a GPU: CUDA's start, gsplat's kernels, the palette search's). A batch worker
+        calls it before saying ready, so its first photo costs what the others cost: stage 2's first
+        photo took 7 s against 2.5 s a photo after it on an H200 (docs/PERFORMANCE.md), and 1.8 s
+        against 0.1 s on 2 cores, 2.7 s of that importing torch."""
         t = time.perf_counter()
         from pipeline.core.types import Gaussians
         from pipeline.objects.gaussians_pt import _torch

@@ -85,7 +85,8 @@ def test_frames_rendered_together_equal_frames_rendered_one_by_one(monkeypatch) 
 def test_gsplat_export_writes_gifs_quantized_on_the_gpu(tmp_path) -> None:
     """export with gsplat: each GIF's one palette comes from the GPU; what a player shows is the
     rendered frames, about as close as Pillow's per-frame quantization of the same frames."""
-    from PIL import Image, ImageSequence
+    from PIL import Image
+    from test_gif_palette import shown  # every frame as a player composes it
 
     from pipeline.core.config import ExportConfig
     from pipeline.core.types import ObjectGaussians
@@ -104,10 +105,6 @@ def test_gsplat_export_writes_gifs_quantized_on_the_gpu(tmp_path) -> None:
     assert summary["renderer"] == "gsplat" and not summary["objects"]["obj_001"].get("error"), summary
     up, toward = photo_view_axes(pose)
     frames = render_gsplat.render_frames(g, turntable_cameras(g, 12, 128, up=up, start_dir=toward)).cpu().numpy()
-
-    def shown(path):
-        with Image.open(path) as im:
-            return np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)])
 
     ours = shown(run / "objects" / "obj_001" / "turntable.gif")
     pillow = shown(write_gif(tmp_path / "pillow.gif", list(frames)))
